@@ -1,0 +1,6 @@
+// libFuzzer target for the fp16 decoder (and its encoder's own payloads); see decode_fuzzer.h.
+#include "tests/fuzz/decode_fuzzer.h"
+
+extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
+  return qtrain::compression::FuzzCodec("fp16", data, size);
+}
