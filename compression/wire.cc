@@ -3,22 +3,13 @@
 #include <limits>
 
 #include "absl/strings/str_cat.h"
+#include "common/crc32.h"
 #include "common/status_macros.h"
-#include "zlib.h"
 
 namespace qtrain::compression {
 
 uint32_t PayloadCrc32(std::span<const uint8_t> payload) {
-  uLong crc = crc32(0L, Z_NULL, 0);
-  const uint8_t* p = payload.data();
-  size_t left = payload.size();
-  while (left > 0) {  // zlib takes uInt lengths
-    uInt chunk = static_cast<uInt>(std::min<size_t>(left, std::numeric_limits<uInt>::max()));
-    crc = crc32(crc, p, chunk);
-    p += chunk;
-    left -= chunk;
-  }
-  return static_cast<uint32_t>(crc);
+  return Crc32(payload.data(), payload.size());
 }
 
 pb::EncodedTensor ToProto(const EncodedTensor& tensor, Checksum checksum) {

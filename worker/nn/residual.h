@@ -1,0 +1,93 @@
+// The basic residual block of He et al. 2016 ("Deep Residual Learning for Image Recognition"),
+// as used in their CIFAR ResNets:
+//
+//   y = relu( bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x) )
+//
+// conv1 is 3x3 with the block's stride, conv2 3x3 stride 1, both padding 1 and without bias.
+// The shortcut is the identity when the stride is 1 and the channel count is unchanged. Otherwise:
+//   - ShortcutKind::kZeroPad (default; the paper's "option A", which its CIFAR experiments use and
+//     which adds no parameters): x subsampled by the stride (x[:, :, ::s, ::s]) with zero channels
+//     added. The input channels land in the middle, (out - in) / 2 zero channels before them and
+//     the rest after, as in the widely used PyTorch port (akamaster/pytorch_resnet_cifar10), so
+//     its ResNet-20 has 269,722 parameters with a 10-class head. Which channels hold zeros makes
+//     no difference to training (the block's output channels are interchangeable).
+//   - ShortcutKind::kProjection ("option B"): a 1x1 convolution with the stride, then batch norm
+//     (ResNet-20 then has 272,474 parameters).
+//
+// Children (parameter prefixes): conv1, bn1, conv2, bn2 and, for a projection, shortcut_conv,
+// shortcut_bn. The final add and ReLU are fused into one pass over the output; the inner ReLU runs
+// in place. Forward keeps pointers to x and *y for Backward (both must stay alive and unchanged
+// until then). If ctx.on_grads_ready is set, Backward reports each child's parameters right after
+// that child's backward (bn2, conv2, bn1, conv1, then the projection's). Cost: the two
+// convolutions dominate (2 * 2*N*out*in_or_out*9*OH*OW flops per pass).
+#ifndef QTRAIN_WORKER_NN_RESIDUAL_H_
+#define QTRAIN_WORKER_NN_RESIDUAL_H_
+
+#include <cstdint>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "worker/nn/batch_norm.h"
+#include "worker/nn/conv2d.h"
+#include "worker/nn/layer.h"
+
+namespace qtrain::nn {
+
+enum class ShortcutKind {
+  kZeroPad,     // option A: subsample + zero channels, no parameters
+  kProjection,  // option B: 1x1 conv (stride s) + batch norm
+};
+
+struct ResidualOptions {
+  int64_t in_channels = 16;
+  int64_t out_channels = 16;
+  int64_t stride = 1;
+  // Used only when the shape changes (stride != 1 or in_channels != out_channels).
+  ShortcutKind shortcut = ShortcutKind::kZeroPad;
+};
+
+class Residual : public Layer {
+ public:
+  // Preconditions (checked): channels, stride >= 1; kZeroPad needs out_channels >= in_channels.
+  // Draws conv1's, conv2's (and the projection's) weights from rng in that order.
+  Residual(std::string name, const ResidualOptions& options, std::mt19937_64& rng);
+
+  std::string Describe() const override;  // "residual 16->32 s2 shortcut=zero-pad"
+  absl::StatusOr<Shape> OutputShape(const Shape& input) const override;
+  void Forward(RunContext& ctx, const Tensor& x, Tensor* y) override;
+  void Backward(RunContext& ctx, const Tensor& dy, Tensor* dx) override;
+  void CollectParameters(std::vector<Parameter*>* out) override;
+  void CollectBuffers(std::vector<Buffer*>* out) override;
+
+  const ResidualOptions& options() const { return options_; }
+  bool has_identity_shortcut() const;
+
+ private:
+  void AddShortcutAndRelu(RunContext& ctx, const Tensor& x, Tensor* y);
+  void AddShortcutBackward(RunContext& ctx, const Tensor& dz, Tensor* dx);
+  void Report(RunContext& ctx, const std::vector<Parameter*>& params);
+
+  ResidualOptions options_;
+  std::unique_ptr<Conv2d> conv1_;
+  std::unique_ptr<BatchNorm2d> bn1_;
+  std::unique_ptr<Conv2d> conv2_;
+  std::unique_ptr<BatchNorm2d> bn2_;
+  std::unique_ptr<Conv2d> shortcut_conv_;     // projection only
+  std::unique_ptr<BatchNorm2d> shortcut_bn_;  // projection only
+  // Per child, in CollectParameters order: conv1, bn1, conv2, bn2, shortcut_conv, shortcut_bn.
+  std::vector<std::vector<Parameter*>> child_params_;
+
+  const Tensor* input_ = nullptr;             // saved by Forward
+  const Tensor* output_ = nullptr;            // saved by Forward
+  Tensor conv1_out_, relu1_out_, conv2_out_;  // forward activations (relu1 in place on bn1's)
+  Tensor shortcut_conv_out_, shortcut_out_;   // projection only
+  Tensor dz_;                                 // gradient at the final ReLU's input
+  Tensor grad_a_, grad_b_;                    // gradients inside the main branch
+  Tensor grad_shortcut_a_, grad_shortcut_x_;  // projection only
+};
+
+}  // namespace qtrain::nn
+
+#endif  // QTRAIN_WORKER_NN_RESIDUAL_H_
