@@ -30,4 +30,14 @@ void KaimingNormal(int64_t fan_in, std::mt19937_64& rng, Tensor* t) {
   }
 }
 
+void UniformFanIn(int64_t fan_in, std::mt19937_64& rng, Tensor* t) {
+  QTRAIN_CHECK(fan_in >= 1) << "fan_in=" << fan_in;
+  const double bound = 1.0 / std::sqrt(static_cast<double>(fan_in));
+  for (int64_t i = 0; i < t->size(); ++i) {
+    // 53 random bits -> [0, 1), fixed by mt19937_64's standardized output.
+    const double u = static_cast<double>(rng() >> 11) * 0x1p-53;
+    (*t)[i] = static_cast<float>((2 * u - 1) * bound);
+  }
+}
+
 }  // namespace qtrain::nn

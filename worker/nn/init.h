@@ -22,6 +22,11 @@ double StandardNormal(std::mt19937_64& rng);
 // gain: every element of `t` ~ N(0, 2 / fan_in). Precondition: fan_in >= 1.
 void KaimingNormal(int64_t fan_in, std::mt19937_64& rng, Tensor* t);
 
+// PyTorch's default for linear layers (kaiming_uniform with a = sqrt(5), and the bias rule):
+// every element ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)). Used for fully connected layers, where
+// the ReLU-gain Kaiming init makes the classifier's initial logits (and first gradients) large.
+void UniformFanIn(int64_t fan_in, std::mt19937_64& rng, Tensor* t);
+
 }  // namespace qtrain::nn
 
 #endif  // QTRAIN_WORKER_NN_INIT_H_

@@ -22,12 +22,13 @@ Linear::Linear(std::string name, const LinearOptions& options, std::mt19937_64& 
   weight_.kind = ParamKind::kWeight;
   weight_.value = Tensor({options.out_features, options.in_features});
   weight_.grad = Tensor({options.out_features, options.in_features});
-  KaimingNormal(options.in_features, rng, &weight_.value);
+  UniformFanIn(options.in_features, rng, &weight_.value);
   if (options.bias) {
     bias_.name = "bias";
     bias_.kind = ParamKind::kBias;
     bias_.value = Tensor({options.out_features});
     bias_.grad = Tensor({options.out_features});
+    UniformFanIn(options.in_features, rng, &bias_.value);
   }
 }
 

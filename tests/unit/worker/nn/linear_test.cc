@@ -30,9 +30,15 @@ TEST(LinearTest, ParametersAndInit) {
   EXPECT_EQ(params[0]->grad.shape(), (Shape{300, 200}));
   EXPECT_EQ(params[1]->name, "bias");
   EXPECT_EQ(params[1]->kind, ParamKind::kBias);
-  for (int64_t i = 0; i < params[1]->value.size(); ++i) EXPECT_EQ(params[1]->value[i], 0.0f);
-  // Kaiming normal: mean 0, variance 2 / fan_in. 60000 samples: the sample variance has relative
-  // standard deviation sqrt(2 / 60000) ~ 0.6%, so 3% is a >5-sigma bound.
+  // U(-b, b) with b = 1/sqrt(fan_in): every element within the bound, mean 0, variance b^2/3.
+  // 60000 samples: the sample variance of a uniform has relative standard deviation
+  // sqrt(0.8 / 60000) ~ 0.37%, so 2% is a >5-sigma bound.
+  const double bound = 1.0 / std::sqrt(200.0);
+  for (const Parameter* p : params) {
+    for (int64_t i = 0; i < p->value.size(); ++i) {
+      ASSERT_LE(std::fabs(p->value[i]), bound) << p->name;
+    }
+  }
   double sum = 0.0, sum_sq = 0.0;
   const Tensor& w = params[0]->value;
   for (int64_t i = 0; i < w.size(); ++i) {
@@ -41,8 +47,8 @@ TEST(LinearTest, ParametersAndInit) {
   }
   const double mean = sum / w.size();
   const double var = sum_sq / w.size() - mean * mean;
-  EXPECT_NEAR(mean, 0.0, 5 * std::sqrt(0.01 / w.size()));
-  EXPECT_NEAR(var, 2.0 / 200, 0.03 * 2.0 / 200);
+  EXPECT_NEAR(mean, 0.0, 5 * std::sqrt(bound * bound / 3 / w.size()));
+  EXPECT_NEAR(var, bound * bound / 3, 0.02 * bound * bound / 3);
   EXPECT_EQ(fc.Describe(), "linear 200->300");
 }
 

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# End-to-end checks of the qtrain binary on a few hundred real Fashion-MNIST images: a short
+# training run that learns, checkpoint + resume, and clear errors for bad flags, bad data and a
+# corrupt checkpoint. Usage: qtrain_cli_test.sh <path to qtrain>
+set -uo pipefail
+qtrain=$1
+data=/usr/share/datasets/fashion-mnist
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+passed=0
+failed=0
+
+check() {  # check <name> <expected exit code> <regex the output must match> -- command...
+  local name=$1 want=$2 pattern=$3
+  shift 4
+  local out rc
+  out=$("$@" 2>&1)
+  rc=$?
+  if [ "$rc" -eq "$want" ] && grep -Eq -- "$pattern" <<<"$out"; then
+    passed=$((passed + 1))
+  else
+    failed=$((failed + 1))
+    echo "FAIL $name: exit $rc (want $want), output did not match /$pattern/:"
+    tail -n 5 <<<"$out"
+  fi
+}
+
+if [ ! -d "$data" ]; then
+  echo "fashion-mnist is not installed at $data (deploy/install-deps.sh installs it)"
+  exit 1
+fi
+common=(--max_train=512 --max_test=300 --batch_size=64 --threads=2 --progress=false)
+
+# Abseil's flag library prints the help and exits with status 1.
+check "help lists flags" 1 "--model \(Model: mlp, cnn or resnet20" -- "$qtrain" --help
+check "short run learns" 0 "final_test_accuracy=([5-9][0-9]|100)\." -- \
+  "$qtrain" --model=cnn --epochs=2 "${common[@]}" --checkpoint_dir="$work/ck" --metrics="$work/m.jsonl"
+check "metrics file has epoch records" 0 '"type":"epoch"' -- cat "$work/m.jsonl"
+check "resume of a finished run trains nothing" 0 "epochs=0 " -- \
+  "$qtrain" --model=cnn --epochs=2 "${common[@]}" --checkpoint_dir="$work/ck" --resume
+check "resume into another model is refused" 1 "holds model 'cnn'" -- \
+  "$qtrain" --model=mlp --epochs=3 "${common[@]}" --checkpoint_dir="$work/ck" --resume
+printf 'garbage' | dd of="$work/ck/checkpoint.qtrn" bs=1 seek=40 conv=notrunc status=none
+check "corrupt checkpoint is DATA_LOSS" 1 "DATA_LOSS.*checksum" -- \
+  "$qtrain" --model=cnn --epochs=3 "${common[@]}" --checkpoint_dir="$work/ck" --resume
+check "unknown model lists the valid ones" 1 "valid models: mlp, cnn, resnet20" -- \
+  "$qtrain" --model=vgg "${common[@]}"
+check "unknown flag is refused" 1 "Unknown command line flag" -- "$qtrain" --epoch=3
+check "bad epochs" 1 "--epochs must be >= 1" -- "$qtrain" --epochs=0 "${common[@]}"
+check "missing data directory" 1 "NOT_FOUND" -- "$qtrain" --data=idx:"$work/none" "${common[@]}"
+check "bad data spec lists forms" 1 "fashion-mnist" -- "$qtrain" --data=mnist "${common[@]}"
+check "bad lr schedule" 1 "valid: constant, cosine" -- "$qtrain" --lr_schedule=linear "${common[@]}"
+
+echo "$passed passed, $failed failed"
+[ "$failed" -eq 0 ]

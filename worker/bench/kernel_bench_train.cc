@@ -1,0 +1,80 @@
+// Training-step throughput: images/s of one full SGD step (forward, softmax cross-entropy,
+// backward, SGD with momentum and weight decay) of each model at batch 128 on 1x28x28 inputs
+// (Fashion-MNIST's shape), with a thread pool of `threads` (the second argument).
+//
+//   BM_TrainStep/<model>/<batch>/<threads>   counter images_per_second
+//
+// The yardstick is worker/bench/pytorch_train_step.py (the same architectures in PyTorch),
+// run pinned to the same cores: taskset -c 0,1 for 2 threads. Before timing, each model's loss
+// must fall over a few steps on the fixed batch (a broken step would otherwise time fine).
+#include <cmath>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "benchmark/benchmark.h"
+#include "worker/kernels/cpu/thread_pool.h"
+#include "worker/nn/loss.h"
+#include "worker/nn/model.h"
+#include "worker/train/optimizer.h"
+
+namespace qtrain::nn {
+namespace {
+
+const char* const kModels[] = {"mlp", "cnn", "resnet20"};
+
+void BM_TrainStep(benchmark::State& state) {
+  const std::string name = kModels[state.range(0)];
+  const int64_t batch = state.range(1);
+  const int threads = static_cast<int>(state.range(2));
+  state.SetLabel(name);
+  kernels::ThreadPool pool(threads);
+  RunContext ctx;
+  ctx.cpu.pool = &pool;
+  ctx.mode = Mode::kTrain;
+  auto model = BuildModel(ModelSpec{name, {1, 28, 28}, 10, 1});
+  if (!model.ok()) {
+    state.SkipWithError(std::string(model.status().message()).c_str());
+    return;
+  }
+  std::vector<Parameter*> params;
+  (*model)->CollectParameters(&params);
+  train::Sgd sgd(params, train::SgdOptions{});
+  Tensor x({batch, 1, 28, 28}), logits, dlogits;
+  std::mt19937 gen(3);
+  std::normal_distribution<float> dist;
+  for (int64_t i = 0; i < x.size(); ++i) x[i] = dist(gen);
+  std::vector<int32_t> labels(static_cast<size_t>(batch));
+  for (auto& l : labels) l = static_cast<int32_t>(gen() % 10);
+
+  auto step = [&]() -> double {
+    (*model)->Forward(ctx, x, &logits);
+    auto r = SoftmaxCrossEntropyLoss(ctx, logits, labels, &dlogits);
+    (*model)->Backward(ctx, dlogits, nullptr);
+    sgd.Step(ctx.cpu, 0.01f);
+    return r.ok() ? r->mean_loss : NAN;
+  };
+  const double first = step();
+  double last = first;
+  for (int i = 0; i < 4; ++i) last = step();
+  if (!(last < first)) {
+    state.SkipWithError("loss did not fall on a fixed batch: the step is broken");
+    return;
+  }
+  for (auto _ : state) {
+    benchmark::DoNotOptimize(step());
+  }
+  state.counters["images_per_second"] =
+      benchmark::Counter(static_cast<double>(batch), benchmark::Counter::kIsIterationInvariantRate);
+}
+
+BENCHMARK(BM_TrainStep)
+    ->ArgNames({"model", "batch", "threads"})
+    ->ArgsProduct({{0, 1, 2}, {128}, {1, 2}})
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime()
+    ->MinTime(2.0);
+
+}  // namespace
+}  // namespace qtrain::nn
