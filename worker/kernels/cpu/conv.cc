@@ -1,5 +1,7 @@
 #include "worker/kernels/cpu/conv.h"
 
+#include <immintrin.h>
+
 #include <algorithm>
 #include <cstring>
 #include <vector>
@@ -9,6 +11,7 @@
 #include "worker/kernels/cpu/aligned_buffer.h"
 #include "worker/kernels/cpu/elementwise.h"
 #include "worker/kernels/cpu/sgemm.h"
+#include "worker/kernels/cpu/sgemm_microkernel.h"
 
 namespace qtrain::kernels {
 namespace {
@@ -56,6 +59,460 @@ void ForEachImage(const CpuContext& ctx, int64_t batch, int64_t col_size, Fn&& f
     for (int64_t n = 0; n < batch; ++n) fn(ctx, col.data(), n);
   }
 }
+
+
+// ---- Implicit GEMM (AVX2) ---------------------------------------------------------------------
+//
+// y (K x [N*OH*OW]) = w (K x R) * col (R x [N*OH*OW]), R = C*KH*KW, without an im2col buffer:
+// the columns of all images form one flat index J = n*OH*OW + oh*OW + ow, cut into 16-wide
+// strips; each strip of col is packed straight from a zero-padded copy of the input (R x 16,
+// in L1) and multiplied by the weights, packed once per call into 6-row strips, with the SGEMM
+// micro-kernel. Small spatial sizes (7x7) thus no longer waste most of a ragged last strip, and
+// both threads get an even share of strips whatever the batch. Each output element sees the same
+// depth blocking and arithmetic whichever thread computes it, so results do not depend on the
+// thread count.
+
+constexpr int kIgMr = 6;
+constexpr int kIgNr = 16;
+constexpr int64_t kIgMaxKc = 256;
+
+#define QTRAIN_AVX2 __attribute__((target("avx2,fma")))
+
+const sgemm_internal::MicroKernel& IgKernel() {
+  static const sgemm_internal::MicroKernel kernel = sgemm_internal::Avx2MicroKernel();
+  return kernel;
+}
+
+bool UseImplicitGemm(const CpuContext& ctx) {
+  return static_cast<int>(ctx.effective_simd()) >= static_cast<int>(SimdLevel::kAvx2);
+}
+
+// A run of a strip's lanes that lie on one output row of one image.
+struct IgSegment {
+  int lane;
+  int len;
+  int64_t n;       // image
+  int64_t sp;      // spatial index oh*OW + ow of the first lane
+  int64_t offset;  // padded-input offset of (n, ih = oh*sh, iw = ow*sw), channel 0
+};
+
+struct IgScratch {
+  AlignedBuffer xpad;   // zero-padded input batch (calling thread)
+  AlignedBuffer apack;  // packed weights (calling thread)
+  std::vector<int64_t> roff;
+};
+IgScratch& CallerScratch() {
+  thread_local IgScratch scratch;
+  return scratch;
+}
+struct IgStripScratch {
+  AlignedBuffer strip;
+  AlignedBuffer tile;
+};
+IgStripScratch& StripScratch() {
+  thread_local IgStripScratch scratch;
+  return scratch;
+}
+
+// Zero-padded copy of x: N*C planes of (H + 2ph) x (W + 2pw), plus kIgNr zeros at the end so
+// 8-wide loads may run past the last element.
+void PadInput(const CpuContext& ctx, const Conv2dShape& s, const float* x, float* xpad) {
+  const int64_t hp = s.in_height + 2 * s.pad_h;
+  const int64_t wp = s.in_width + 2 * s.pad_w;
+  const int64_t planes = s.batch * s.in_channels;
+  ParallelFor(ctx.pool, planes, std::max<int64_t>(1, 8192 / (hp * wp)),
+              [&](int64_t begin, int64_t end) {
+                for (int64_t p = begin; p < end; ++p) {
+                  const float* src = x + p * s.in_height * s.in_width;
+                  float* dst = xpad + p * hp * wp;
+                  std::fill(dst, dst + s.pad_h * wp, 0.0f);
+                  for (int64_t h = 0; h < s.in_height; ++h) {
+                    float* row = dst + (h + s.pad_h) * wp;
+                    std::fill(row, row + s.pad_w, 0.0f);
+                    std::memcpy(row + s.pad_w, src + h * s.in_width, sizeof(float) * s.in_width);
+                    std::fill(row + s.pad_w + s.in_width, row + wp, 0.0f);
+                  }
+                  std::fill(dst + (s.pad_h + s.in_height) * wp, dst + hp * wp, 0.0f);
+                }
+              });
+  std::fill(xpad + planes * hp * wp, xpad + planes * hp * wp + kIgNr, 0.0f);
+}
+
+// In-register transpose of an 8x8 block held as 8 rows.
+QTRAIN_AVX2 inline void Transpose8x8(__m256 r[8]) {
+  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]);
+  const __m256 t1 = _mm256_unpackhi_ps(r[0], r[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]);
+  const __m256 t3 = _mm256_unpackhi_ps(r[2], r[3]);
+  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]);
+  const __m256 t5 = _mm256_unpackhi_ps(r[4], r[5]);
+  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]);
+  const __m256 t7 = _mm256_unpackhi_ps(r[6], r[7]);
+  const __m256 s0 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m256 s1 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2));
+  const __m256 s2 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m256 s3 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2));
+  const __m256 s4 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m256 s5 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(3, 2, 3, 2));
+  const __m256 s6 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m256 s7 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(3, 2, 3, 2));
+  r[0] = _mm256_permute2f128_ps(s0, s4, 0x20);
+  r[1] = _mm256_permute2f128_ps(s1, s5, 0x20);
+  r[2] = _mm256_permute2f128_ps(s2, s6, 0x20);
+  r[3] = _mm256_permute2f128_ps(s3, s7, 0x20);
+  r[4] = _mm256_permute2f128_ps(s0, s4, 0x31);
+  r[5] = _mm256_permute2f128_ps(s1, s5, 0x31);
+  r[6] = _mm256_permute2f128_ps(s2, s6, 0x31);
+  r[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
+}
+
+// Computes the strips [strip_begin, strip_end) of y.
+QTRAIN_AVX2 void IgStrips(const Conv2dShape& s, const float* xpad, const float* apack,
+                          const int64_t* roff, const float* bias, float* y, int64_t strip_begin,
+                          int64_t strip_end) {
+  const sgemm_internal::MicroKernel& kernel = IgKernel();
+  const int64_t k_out = s.out_channels;
+  const int64_t rdim = s.col_rows();
+  const int64_t ow_n = s.out_width();
+  const int64_t spatial = s.col_cols();
+  const int64_t total = s.batch * spatial;
+  const int64_t hp = s.in_height + 2 * s.pad_h;
+  const int64_t wp = s.in_width + 2 * s.pad_w;
+  const int64_t image_pad = s.in_channels * hp * wp;
+  const int64_t mp = (k_out + kIgMr - 1) / kIgMr * kIgMr;
+  const int64_t k_blocks = (rdim + kIgMaxKc - 1) / kIgMaxKc;
+  const int64_t kc = (rdim + k_blocks - 1) / k_blocks;
+
+  IgStripScratch& scratch = StripScratch();
+  float* strip = scratch.strip.Reserve(rdim * kIgNr + kIgNr);
+  float* tile = scratch.tile.Reserve(mp * kIgNr);
+  IgSegment seg[kIgNr];
+
+  for (int64_t st = strip_begin; st < strip_end; ++st) {
+    const int64_t j0 = st * kIgNr;
+    int segments = 0;
+    int lane = 0;
+    for (int64_t j = j0; lane < kIgNr && j < total;) {
+      const int64_t n = j / spatial;
+      const int64_t sp = j - n * spatial;
+      const int64_t oh = sp / ow_n;
+      const int64_t ow = sp - oh * ow_n;
+      const int len = static_cast<int>(std::min<int64_t>({kIgNr - lane, ow_n - ow, total - j}));
+      seg[segments++] =
+          IgSegment{lane, len, n, sp, n * image_pad + oh * s.stride_h * wp + ow * s.stride_w};
+      lane += len;
+      j += len;
+    }
+    const int valid = lane;
+
+    // Pack: strip[r * 16 + l] = col(r, j0 + l). Segments are written in lane order with 8-wide
+    // stores that may spill past their end; the next segment (or row) overwrites the spill.
+    if (s.stride_w == 1) {
+      for (int64_t r = 0; r < rdim; ++r) {
+        float* d = strip + r * kIgNr;
+        const float* base = xpad + roff[r];
+        for (int g = 0; g < segments; ++g) {
+          const float* src = base + seg[g].offset;
+          float* out = d + seg[g].lane;
+          for (int q = 0; q < seg[g].len; q += 8) {
+            _mm256_storeu_ps(out + q, _mm256_loadu_ps(src + q));
+          }
+        }
+        for (int l = valid; l < kIgNr; ++l) d[l] = 0.0f;
+      }
+    } else {
+      for (int64_t r = 0; r < rdim; ++r) {
+        float* d = strip + r * kIgNr;
+        const float* base = xpad + roff[r];
+        for (int g = 0; g < segments; ++g) {
+          const float* src = base + seg[g].offset;
+          float* out = d + seg[g].lane;
+          for (int q = 0; q < seg[g].len; ++q) out[q] = src[q * s.stride_w];
+        }
+        for (int l = valid; l < kIgNr; ++l) d[l] = 0.0f;
+      }
+    }
+
+    // Straight into y when the 16 columns are one contiguous run of one image.
+    const bool direct = valid == kIgNr && seg[0].sp + kIgNr <= spatial;
+    float* c_base = direct ? y + seg[0].n * k_out * spatial + seg[0].sp : tile;
+    const int64_t ldc = direct ? spatial : kIgNr;
+    for (int64_t pc = 0; pc < rdim; pc += kc) {
+      const int64_t kb = std::min(kc, rdim - pc);
+      const float beta = pc == 0 ? 0.0f : 1.0f;
+      const float* a_block = apack + pc * mp;
+      for (int64_t i = 0; i < k_out; i += kIgMr) {
+        const int rows = static_cast<int>(std::min<int64_t>(kIgMr, k_out - i));
+        const sgemm_internal::MicroKernelFn fn =
+            rows == kIgMr ? kernel.fn : kernel.partial_rows[rows];
+        fn(kb, a_block + i * kb, strip + pc * kIgNr, c_base + i * ldc, ldc, 1.0f, beta);
+      }
+    }
+    if (direct) {
+      if (bias != nullptr) {
+        for (int64_t k = 0; k < k_out; ++k) {
+          float* row = c_base + k * spatial;
+          const __m256 b = _mm256_set1_ps(bias[k]);
+          _mm256_storeu_ps(row, _mm256_add_ps(_mm256_loadu_ps(row), b));
+          _mm256_storeu_ps(row + 8, _mm256_add_ps(_mm256_loadu_ps(row + 8), b));
+        }
+      }
+      continue;
+    }
+    for (int g = 0; g < segments; ++g) {
+      float* out = y + seg[g].n * k_out * spatial + seg[g].sp;
+      for (int64_t k = 0; k < k_out; ++k) {
+        const float* src = tile + k * kIgNr + seg[g].lane;
+        float* dst = out + k * spatial;
+        if (bias != nullptr) {
+          for (int q = 0; q < seg[g].len; ++q) dst[q] = src[q] + bias[k];
+        } else {
+          for (int q = 0; q < seg[g].len; ++q) dst[q] = src[q];
+        }
+      }
+    }
+  }
+}
+
+
+// Forward convolution by implicit GEMM; w is K x R row-major. Requires AVX2.
+void ImplicitGemmForward(const CpuContext& ctx, const Conv2dShape& s, const float* x,
+                         const float* w, const float* bias, float* y) {
+  const int64_t k_out = s.out_channels;
+  const int64_t rdim = s.col_rows();
+  const int64_t hp = s.in_height + 2 * s.pad_h;
+  const int64_t wp = s.in_width + 2 * s.pad_w;
+  const int64_t mp = (k_out + kIgMr - 1) / kIgMr * kIgMr;
+  const int64_t k_blocks = (rdim + kIgMaxKc - 1) / kIgMaxKc;
+  const int64_t kc = (rdim + k_blocks - 1) / k_blocks;
+
+  IgScratch& scratch = CallerScratch();
+  float* xpad = scratch.xpad.Reserve(s.batch * s.in_channels * hp * wp + kIgNr);
+  PadInput(ctx, s, x, xpad);
+
+  // Weights: depth block pc holds ceil(K/6) strips of kb x 6, rows past K zero.
+  float* apack = scratch.apack.Reserve(mp * rdim);
+  for (int64_t pc = 0; pc < rdim; pc += kc) {
+    const int64_t kb = std::min(kc, rdim - pc);
+    float* block = apack + pc * mp;
+    for (int64_t i0 = 0; i0 < mp; i0 += kIgMr) {
+      float* dst = block + i0 * kb;
+      for (int64_t p = 0; p < kb; ++p) {
+        for (int i = 0; i < kIgMr; ++i) {
+          dst[p * kIgMr + i] = i0 + i < k_out ? w[(i0 + i) * rdim + pc + p] : 0.0f;
+        }
+      }
+    }
+  }
+  scratch.roff.resize(static_cast<size_t>(rdim));
+  for (int64_t c = 0; c < s.in_channels; ++c) {
+    for (int64_t kh = 0; kh < s.kernel_h; ++kh) {
+      for (int64_t kw = 0; kw < s.kernel_w; ++kw) {
+        scratch.roff[(c * s.kernel_h + kh) * s.kernel_w + kw] = c * hp * wp + kh * wp + kw;
+      }
+    }
+  }
+  const int64_t* roff = scratch.roff.data();
+  const int64_t strips = (s.batch * s.col_cols() + kIgNr - 1) / kIgNr;
+  ParallelFor(ctx.pool, strips, 4, [&](int64_t begin, int64_t end) {
+    IgStrips(s, xpad, apack, roff, bias, y, begin, end);
+  });
+}
+
+// Backward data of a unit-stride convolution is the forward convolution of dy with the weights
+// flipped spatially and with in/out channels swapped, padded by KH-1-pad.
+bool BackwardDataAsConvolution(const Conv2dShape& s) {
+  return s.stride_h == 1 && s.stride_w == 1 && s.pad_h <= s.kernel_h - 1 &&
+         s.pad_w <= s.kernel_w - 1;
+}
+
+void ImplicitGemmBackwardData(const CpuContext& ctx, const Conv2dShape& s, const float* dy,
+                              const float* w, float* dx) {
+  Conv2dShape t;
+  t.batch = s.batch;
+  t.in_channels = s.out_channels;
+  t.in_height = s.out_height();
+  t.in_width = s.out_width();
+  t.out_channels = s.in_channels;
+  t.kernel_h = s.kernel_h;
+  t.kernel_w = s.kernel_w;
+  t.pad_h = s.kernel_h - 1 - s.pad_h;
+  t.pad_w = s.kernel_w - 1 - s.pad_w;
+  thread_local AlignedBuffer flipped;
+  const int64_t khw = s.kernel_h * s.kernel_w;
+  float* wt = flipped.Reserve(s.out_channels * s.in_channels * khw);
+  for (int64_t k = 0; k < s.out_channels; ++k) {
+    for (int64_t c = 0; c < s.in_channels; ++c) {
+      const float* src = w + (k * s.in_channels + c) * khw;
+      float* dst = wt + (c * s.out_channels + k) * khw;
+      for (int64_t q = 0; q < khw; ++q) dst[q] = src[khw - 1 - q];
+    }
+  }
+  ImplicitGemmForward(ctx, t, dy, wt, nullptr, dx);
+}
+
+// Backward weights by implicit GEMM: dw^T (R x K) = col (R x T) * dy^T (T x K) over the flat
+// column index T = N*OH*OW, in depth blocks of kIgDepth positions. col is packed straight from
+// the padded input into 6-row strips, dy^T into 16-column strips. Threads split the R rows, each
+// running the whole depth, so the result does not depend on the thread count. Requires AVX2.
+constexpr int64_t kIgDepth = 256;
+
+struct IgRun {
+  int64_t p;       // first depth position within the block
+  int64_t len;     // positions on one output row of one image
+  int64_t n;       // image
+  int64_t sp;      // spatial index of the first position
+  int64_t offset;  // padded-input offset of its window origin, channel 0
+};
+
+// The runs covering positions [j0, j0 + kb).
+void IgRuns(const Conv2dShape& s, int64_t j0, int64_t kb, std::vector<IgRun>* runs) {
+  runs->clear();
+  const int64_t ow_n = s.out_width();
+  const int64_t spatial = s.col_cols();
+  const int64_t hp = s.in_height + 2 * s.pad_h;
+  const int64_t wp = s.in_width + 2 * s.pad_w;
+  const int64_t image_pad = s.in_channels * hp * wp;
+  for (int64_t p = 0; p < kb;) {
+    const int64_t j = j0 + p;
+    const int64_t n = j / spatial;
+    const int64_t sp = j - n * spatial;
+    const int64_t oh = sp / ow_n;
+    const int64_t ow = sp - oh * ow_n;
+    const int64_t len = std::min(kb - p, ow_n - ow);
+    runs->push_back(
+        IgRun{p, len, n, sp, n * image_pad + oh * s.stride_h * wp + ow * s.stride_w});
+    p += len;
+  }
+}
+
+// dw rows r in [r_begin, r_end) (multiples of 6 except at R), written to dwt (R x kp, kp = K
+// rounded up to 16).
+QTRAIN_AVX2 void IgWeightRows(const Conv2dShape& s, const float* xpad, const float* dy,
+                              const int64_t* roff, int64_t r_begin, int64_t r_end, float* dwt,
+                              int64_t kp) {
+  const sgemm_internal::MicroKernel& kernel = IgKernel();
+  const int64_t k_out = s.out_channels;
+  const int64_t spatial = s.col_cols();
+  const int64_t total = s.batch * spatial;
+  const int64_t sw = s.stride_w;
+  thread_local AlignedBuffer bbuf;
+  thread_local AlignedBuffer abuf;
+  thread_local std::vector<IgRun> runs;
+  float* bpack = bbuf.Reserve(kIgDepth * kp);
+  float* apack = abuf.Reserve(kIgDepth * kIgMr + 8);
+  for (int64_t j0 = 0; j0 < total; j0 += kIgDepth) {
+    const int64_t kb = std::min(kIgDepth, total - j0);
+    IgRuns(s, j0, kb, &runs);
+    // B: strip t holds bpack[t*16*kb + p*16 + l] = dy(k = 16t + l, position j0 + p). dy is
+    // contiguous over an image's positions, so runs here are per image; 8x8 blocks go through
+    // registers, the ragged tail of each run element by element.
+    for (int64_t k0 = 0; k0 < kp; k0 += 8) {
+      float* strip = bpack + (k0 / kIgNr) * kIgNr * kb + (k0 % kIgNr);
+      if (k0 + 8 > k_out) {
+        for (int l = 0; l < 8; ++l) {
+          const int64_t k = k0 + l;
+          for (int64_t p = 0; p < kb; ++p) {
+            const int64_t j = j0 + p;
+            const int64_t n = j / spatial;
+            strip[p * kIgNr + l] = k < k_out ? dy[(n * k_out + k) * spatial + (j - n * spatial)]
+                                             : 0.0f;
+          }
+        }
+        continue;
+      }
+      for (int64_t p = 0; p < kb;) {
+        const int64_t j = j0 + p;
+        const int64_t n = j / spatial;
+        const int64_t sp = j - n * spatial;
+        const int64_t len = std::min(kb - p, spatial - sp);
+        const float* src = dy + (n * k_out + k0) * spatial + sp;
+        float* dst = strip + p * kIgNr;
+        int64_t q = 0;
+        for (; q + 8 <= len; q += 8) {
+          __m256 r[8];
+#pragma GCC unroll 8
+          for (int t = 0; t < 8; ++t) r[t] = _mm256_loadu_ps(src + t * spatial + q);
+          Transpose8x8(r);
+#pragma GCC unroll 8
+          for (int t = 0; t < 8; ++t) _mm256_storeu_ps(dst + (q + t) * kIgNr, r[t]);
+        }
+        for (; q < len; ++q) {
+          for (int t = 0; t < 8; ++t) dst[q * kIgNr + t] = src[t * spatial + q];
+        }
+        p += len;
+      }
+    }
+    const float beta = j0 == 0 ? 0.0f : 1.0f;
+    for (int64_t r0 = r_begin; r0 < r_end; r0 += kIgMr) {
+      const int rows = static_cast<int>(std::min<int64_t>(kIgMr, r_end - r0));
+      // A: apack[p*6 + i] = col(r0 + i, j0 + p). With unit stride, 8 rows (the 6 wanted and 2
+      // spare, clamped to the strip) x 8 positions go through registers and each position is
+      // stored 8 wide: the 2 spare lanes spill into the next position's slot, which is written
+      // next (positions ascend; reads past a run stay inside the padded input).
+      if (sw == 1) {
+        const float* base[8];
+        for (int i = 0; i < 8; ++i) base[i] = xpad + roff[r0 + std::min(i, rows - 1)];
+        for (const IgRun& run : runs) {
+          float* dst = apack + run.p * kIgMr;
+          for (int64_t q = 0; q < run.len; q += 8) {
+            __m256 r[8];
+#pragma GCC unroll 8
+            for (int t = 0; t < 8; ++t) r[t] = _mm256_loadu_ps(base[t] + run.offset + q);
+            Transpose8x8(r);
+            const int64_t count = std::min<int64_t>(8, run.len - q);
+            for (int t = 0; t < count; ++t) _mm256_storeu_ps(dst + (q + t) * kIgMr, r[t]);
+          }
+        }
+      } else {
+        for (int i = 0; i < kIgMr; ++i) {
+          const float* base = xpad + roff[r0 + std::min(i, rows - 1)];
+          for (const IgRun& run : runs) {
+            const float* src = base + run.offset;
+            float* dst = apack + run.p * kIgMr + i;
+            for (int64_t q = 0; q < run.len; ++q) dst[q * kIgMr] = src[q * sw];
+          }
+        }
+      }
+      const sgemm_internal::MicroKernelFn fn =
+          rows == kIgMr ? kernel.fn : kernel.partial_rows[rows];
+      for (int64_t k0 = 0; k0 < kp; k0 += kIgNr) {
+        fn(kb, apack, bpack + k0 * kb, dwt + r0 * kp + k0, kp, 1.0f, beta);
+      }
+    }
+  }
+}
+
+void ImplicitGemmBackwardWeights(const CpuContext& ctx, const Conv2dShape& s, const float* x,
+                                 const float* dy, float* dw) {
+  const int64_t k_out = s.out_channels;
+  const int64_t rdim = s.col_rows();
+  const int64_t hp = s.in_height + 2 * s.pad_h;
+  const int64_t wp = s.in_width + 2 * s.pad_w;
+  const int64_t kp = (k_out + kIgNr - 1) / kIgNr * kIgNr;
+  IgScratch& scratch = CallerScratch();
+  float* xpad = scratch.xpad.Reserve(s.batch * s.in_channels * hp * wp + kIgNr);
+  PadInput(ctx, s, x, xpad);
+  scratch.roff.resize(static_cast<size_t>(rdim));
+  for (int64_t c = 0; c < s.in_channels; ++c) {
+    for (int64_t kh = 0; kh < s.kernel_h; ++kh) {
+      for (int64_t kw = 0; kw < s.kernel_w; ++kw) {
+        scratch.roff[(c * s.kernel_h + kh) * s.kernel_w + kw] = c * hp * wp + kh * wp + kw;
+      }
+    }
+  }
+  float* dwt = scratch.apack.Reserve(rdim * kp);
+  const int64_t* roff = scratch.roff.data();
+  const int64_t row_strips = (rdim + kIgMr - 1) / kIgMr;
+  ParallelFor(ctx.pool, row_strips, 1, [&](int64_t begin, int64_t end) {
+    IgWeightRows(s, xpad, dy, roff, begin * kIgMr, std::min(rdim, end * kIgMr), dwt, kp);
+  });
+  for (int64_t k = 0; k < k_out; ++k) {
+    for (int64_t r = 0; r < rdim; ++r) dw[k * rdim + r] = dwt[r * kp + k];
+  }
+}
+
+#undef QTRAIN_AVX2
 
 }  // namespace
 
@@ -142,6 +599,10 @@ void Conv2dForward(const CpuContext& ctx, const Conv2dShape& s, const float* x, 
   const int64_t in_size = s.in_channels * s.in_height * s.in_width;
   const int64_t out_size = s.out_channels * spatial;
   const bool pointwise = IsPointwise(s);
+  if (!pointwise && UseImplicitGemm(ctx)) {
+    ImplicitGemmForward(ctx, s, x, w, bias, y);
+    return;
+  }
   ForEachImage(ctx, s.batch, pointwise ? 0 : kdim * spatial,
                [&](const CpuContext& gemm_ctx, float* col, int64_t n) {
                  const float* xn = x + n * in_size;
@@ -172,6 +633,10 @@ void Conv2dBackwardData(const CpuContext& ctx, const Conv2dShape& s, const float
   const int64_t in_size = s.in_channels * s.in_height * s.in_width;
   const int64_t out_size = s.out_channels * spatial;
   const bool pointwise = IsPointwise(s);
+  if (!pointwise && UseImplicitGemm(ctx) && BackwardDataAsConvolution(s)) {
+    ImplicitGemmBackwardData(ctx, s, dy, w, dx);
+    return;
+  }
   ForEachImage(ctx, s.batch, pointwise ? 0 : kdim * spatial,
                [&](const CpuContext& gemm_ctx, float* dcol, int64_t n) {
                  const float* dyn = dy + n * out_size;
@@ -193,6 +658,19 @@ void Conv2dBackwardWeights(const CpuContext& ctx, const Conv2dShape& s, const fl
   const int64_t out_size = s.out_channels * spatial;
   const int64_t dw_size = s.out_channels * kdim;
   const bool pointwise = IsPointwise(s);
+  if (!pointwise && UseImplicitGemm(ctx)) {
+    ImplicitGemmBackwardWeights(ctx, s, x, dy, dw);
+    if (dbias != nullptr) {
+      // Per (image, channel) sums in image order: the same for every thread count.
+      const CpuContext inner = ctx.SingleThreaded();
+      for (int64_t k = 0; k < s.out_channels; ++k) {
+        double total = 0.0;
+        for (int64_t n = 0; n < s.batch; ++n) total += Sum(inner, spatial, dy + n * out_size + k * spatial);
+        dbias[k] = static_cast<float>(total);
+      }
+    }
+    return;
+  }
 
   // Accumulates images [begin, end) into dw_part (overwritten) and dbias_part (added to).
   auto accumulate = [&](const CpuContext& gemm_ctx, int64_t begin, int64_t end, float* dw_part,

@@ -10,12 +10,20 @@
 // Output position (oh, ow) reads input rows oh*stride_h - pad_h + kh (zero outside the image);
 // OH = (H + 2*pad_h - KH) / stride_h + 1 (floor), likewise OW. No dilation or groups.
 //
-// Parallelism: with at least as many images as threads, images are split over ctx.pool and each
-// thread runs single-threaded GEMMs on its own column buffer; with fewer, images run in turn and
-// each GEMM uses the pool. Backward weights keeps one partial dw per chunk of images and adds them
-// in chunk order, so its result depends on the thread count (deterministic for a given count);
-// forward and backward data do not. Thread-safe for non-overlapping outputs.
-// Cost: 2*N*K*C*KH*KW*OH*OW flops per pass, plus a C*KH*KW x OH*OW column buffer per thread.
+// Paths. With AVX2 (ctx.simd) every non-pointwise pass runs as an implicit GEMM (no im2col
+// buffer): the output positions of the whole batch form one column index cut into 16-wide strips,
+// packed straight from a zero-padded copy of the input and multiplied with the SGEMM micro-kernel.
+// Backward data of a unit-stride convolution is run as the forward convolution of dy with the
+// flipped, channel-swapped weights; backward weights computes dw^T = col * dy^T with the threads
+// splitting the rows of dw^T. All three results are then independent of the thread count.
+// Otherwise (scalar, pointwise, strided backward data) per-image im2col + SGEMM: with at least as
+// many images as threads, images are split over ctx.pool and each thread runs single-threaded
+// GEMMs on its own column buffer; with fewer, images run in turn and each GEMM uses the pool.
+// There backward weights keeps one partial dw per chunk of images and adds them in chunk order,
+// so its result depends on the thread count (deterministic for a given count); forward and
+// backward data do not. Thread-safe for non-overlapping outputs.
+// Cost: 2*N*K*C*KH*KW*OH*OW flops per pass, plus a padded copy of the input (AVX2) or a
+// C*KH*KW x OH*OW column buffer per thread; scratch is thread-local and reused across calls.
 #ifndef QTRAIN_WORKER_KERNELS_CPU_CONV_H_
 #define QTRAIN_WORKER_KERNELS_CPU_CONV_H_
 

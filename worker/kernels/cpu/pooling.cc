@@ -1,5 +1,7 @@
 #include "worker/kernels/cpu/pooling.h"
 
+#include <immintrin.h>
+
 #include <algorithm>
 #include <cmath>
 
@@ -36,6 +38,86 @@ float Divisor(const Pool2dShape& s, AvgPoolDivisor divisor, Range rows, Range co
   return static_cast<float>((rows.hi - rows.lo) * (cols.hi - cols.lo));
 }
 
+// One output of a 2x2, stride-2, unpadded max pool over rows r0 and r1 at column iw (offsets
+// relative to the plane), with the generic loop's rules: row-major order, strictly greater
+// replaces, a NaN wins once.
+inline void Max2x2(const float* xp, int64_t i0, int64_t i1, float* y, int32_t* argmax) {
+  const int64_t idx[4] = {i0, i0 + 1, i1, i1 + 1};
+  float best = xp[idx[0]];
+  int64_t best_index = idx[0];
+  for (int q = 1; q < 4; ++q) {
+    const float v = xp[idx[q]];
+    if (v > best || (std::isnan(v) && !std::isnan(best))) {
+      best = v;
+      best_index = idx[q];
+    }
+  }
+  *y = best;
+  *argmax = static_cast<int32_t>(best_index);
+}
+
+bool IsMax2x2(const Pool2dShape& s) {
+  return s.kernel_h == 2 && s.kernel_w == 2 && s.stride_h == 2 && s.stride_w == 2 && s.pad_h == 0 &&
+         s.pad_w == 0;
+}
+
+// The 2x2 stride-2 unpadded max pool of the CNNs, 8 outputs at a time: even and odd columns are
+// split with shuffles and compared in the generic loop's order with the same NaN rule.
+__attribute__((target("avx2,fma"))) void MaxPool2x2PlanesAvx2(const Pool2dShape& s,
+                                                              const float* x, float* y,
+                                                              int32_t* argmax, int64_t begin,
+                                                              int64_t end) {
+  const int64_t oh_n = s.out_height();
+  const int64_t ow_n = s.out_width();
+  const int64_t w = s.in_width;
+  const __m256i lane2 = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
+  for (int64_t p = begin; p < end; ++p) {
+    const float* xp = x + p * s.in_plane();
+    float* yp = y + p * s.out_plane();
+    int32_t* ap = argmax + p * s.out_plane();
+    for (int64_t oh = 0; oh < oh_n; ++oh) {
+      const int64_t r0 = 2 * oh * w;
+      const int64_t r1 = r0 + w;
+      int64_t ow = 0;
+      for (; ow + 8 <= ow_n; ow += 8) {
+        const int64_t c = 2 * ow;
+        __m256 v[4];
+        __m256i iv[4];
+        const int64_t rows[2] = {r0, r1};
+        for (int h = 0; h < 2; ++h) {
+          const __m256 lo = _mm256_loadu_ps(xp + rows[h] + c);
+          const __m256 hi = _mm256_loadu_ps(xp + rows[h] + c + 8);
+          // shuffle gives [0 2 8 10 4 6 12 14]; permute4x64 0xD8 restores [0 2 4 6 8 10 12 14].
+          v[2 * h] = _mm256_castpd_ps(_mm256_permute4x64_pd(
+              _mm256_castps_pd(_mm256_shuffle_ps(lo, hi, _MM_SHUFFLE(2, 0, 2, 0))), 0xD8));
+          v[2 * h + 1] = _mm256_castpd_ps(_mm256_permute4x64_pd(
+              _mm256_castps_pd(_mm256_shuffle_ps(lo, hi, _MM_SHUFFLE(3, 1, 3, 1))), 0xD8));
+          const __m256i base = _mm256_add_epi32(
+              lane2, _mm256_set1_epi32(static_cast<int32_t>(rows[h] + c)));
+          iv[2 * h] = base;
+          iv[2 * h + 1] = _mm256_add_epi32(base, _mm256_set1_epi32(1));
+        }
+        __m256 best = v[0];
+        __m256i best_index = iv[0];
+        for (int q = 1; q < 4; ++q) {
+          const __m256 take = _mm256_or_ps(
+              _mm256_cmp_ps(v[q], best, _CMP_GT_OQ),
+              _mm256_and_ps(_mm256_cmp_ps(v[q], v[q], _CMP_UNORD_Q),
+                            _mm256_cmp_ps(best, best, _CMP_ORD_Q)));
+          best = _mm256_blendv_ps(best, v[q], take);
+          best_index = _mm256_castps_si256(_mm256_blendv_ps(
+              _mm256_castsi256_ps(best_index), _mm256_castsi256_ps(iv[q]), take));
+        }
+        _mm256_storeu_ps(yp + oh * ow_n + ow, best);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(ap + oh * ow_n + ow), best_index);
+      }
+      for (; ow < ow_n; ++ow) {
+        Max2x2(xp, r0 + 2 * ow, r1 + 2 * ow, yp + oh * ow_n + ow, ap + oh * ow_n + ow);
+      }
+    }
+  }
+}
+
 }  // namespace
 
 absl::Status ValidatePool2dShape(const Pool2dShape& s) {
@@ -64,6 +146,13 @@ void MaxPool2dForward(const CpuContext& ctx, const Pool2dShape& s, const float* 
   CheckShape(s);
   const int64_t oh_n = s.out_height();
   const int64_t ow_n = s.out_width();
+  if (IsMax2x2(s) && static_cast<int>(ctx.effective_simd()) >= static_cast<int>(SimdLevel::kAvx2)) {
+    ParallelFor(ctx.pool, s.batch * s.channels, PlaneGrain(s.in_plane()),
+                [&](int64_t begin, int64_t end) {
+                  MaxPool2x2PlanesAvx2(s, x, y, argmax, begin, end);
+                });
+    return;
+  }
   ParallelFor(ctx.pool, s.batch * s.channels, PlaneGrain(s.in_plane()),
               [&](int64_t begin, int64_t end) {
                 for (int64_t p = begin; p < end; ++p) {

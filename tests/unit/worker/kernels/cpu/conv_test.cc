@@ -43,7 +43,12 @@ std::vector<Conv2dShape> Shapes() {
       MakeShape(2, 2, 3, 3, 3, 3, 1, 3),      // padding wider than the image
       MakeShape(1, 3, 6, 6, 4, 3, 1, 1),      // batch 1: parallel GEMMs instead of images
       MakeShape(2, 16, 14, 14, 20, 3, 1, 1),  // large enough for the GEMM to use both threads
+      MakeShape(2, 3, 5, 21, 7, 3, 1, 1),     // 16-column strips straddling output rows
+      MakeShape(2, 32, 5, 5, 7, 3, 1, 1),     // depth 288: two depth blocks; strips span images
   };
+  Conv2dShape rows_strided = MakeShape(2, 2, 8, 17, 5, 3, 1, 1);
+  rows_strided.stride_h = 2;  // vertical stride only
+  shapes.push_back(rows_strided);
   Conv2dShape rect = MakeShape(3, 2, 6, 7, 3, 1, 1, 0);
   rect.kernel_h = 2;
   rect.kernel_w = 3;

@@ -113,6 +113,43 @@ TEST_P(PoolingTest, MaxPoolTiesPickFirstAndNanPropagates) {
   EXPECT_EQ(argmax[1], 3);  // the first NaN in row-major window order
 }
 
+// Wide enough for the vectorised 2x2 path (8 outputs at a time) and its scalar tail; ties, NaNs
+// and -inf placed at every window position.
+TEST_P(PoolingTest, MaxPool2x2WideRowsKeepTieAndNanRules) {
+  const Pool2dShape s = MakeShape(1, 2, 4, 38, 2, 2, 0);
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  const float inf = std::numeric_limits<float>::infinity();
+  const float pattern[] = {1.0f, 1.0f, nan, -inf, 3.0f, nan, 2.0f, 3.0f, -1.0f, 0.0f, -0.0f};
+  std::vector<float> x(static_cast<size_t>(s.batch * s.channels * s.in_plane()));
+  for (size_t i = 0; i < x.size(); ++i) x[i] = pattern[(i * 7 + i / 5) % 11];
+  std::vector<float> y(static_cast<size_t>(s.batch * s.channels * s.out_plane()));
+  std::vector<int32_t> argmax(y.size());
+  MaxPool2dForward(ctx_, s, x.data(), y.data(), argmax.data());
+  for (int64_t p = 0; p < s.batch * s.channels; ++p) {
+    const float* xp = x.data() + p * s.in_plane();
+    for (int64_t o = 0; o < s.out_plane(); ++o) {
+      const int64_t oh = o / s.out_width();
+      const int64_t ow = o % s.out_width();
+      int64_t best_index = 2 * oh * s.in_width + 2 * ow;
+      for (int64_t kh = 0; kh < 2; ++kh) {
+        for (int64_t kw = 0; kw < 2; ++kw) {
+          const int64_t i = (2 * oh + kh) * s.in_width + 2 * ow + kw;
+          if (xp[i] > xp[best_index] || (std::isnan(xp[i]) && !std::isnan(xp[best_index]))) {
+            best_index = i;
+          }
+        }
+      }
+      const size_t at = static_cast<size_t>(p * s.out_plane() + o);
+      EXPECT_EQ(argmax[at], best_index) << "plane " << p << " output " << o;
+      if (std::isnan(xp[best_index])) {
+        EXPECT_TRUE(std::isnan(y[at]));
+      } else {
+        EXPECT_EQ(y[at], xp[best_index]);
+      }
+    }
+  }
+}
+
 TEST_P(PoolingTest, AvgPoolMatchesReferenceForBothDivisors) {
   for (AvgPoolDivisor divisor : {AvgPoolDivisor::kWindowSize, AvgPoolDivisor::kValidCount}) {
     for (const Pool2dShape& s : Shapes()) {
