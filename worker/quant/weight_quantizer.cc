@@ -1,0 +1,7 @@
+#include "worker/quant/weight_quantizer.h"
+
+namespace qtrain::quant {
+
+WeightQuantizer::~WeightQuantizer() = default;
+
+}  // namespace qtrain::quant
