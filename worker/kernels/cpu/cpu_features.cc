@@ -15,10 +15,25 @@ SimdLevel DetectOnce() {
   return SimdLevel::kScalar;
 }
 
+Avx512Extensions DetectExtensionsOnce() {
+  Avx512Extensions ext;
+#if defined(__x86_64__) || defined(__i386__)
+  if (DetectSimdLevel() != SimdLevel::kAvx512) return ext;
+  ext.vnni = __builtin_cpu_supports("avx512vnni");
+  ext.vpopcntdq = __builtin_cpu_supports("avx512vpopcntdq");
+#endif
+  return ext;
+}
+
 }  // namespace
 
 SimdLevel DetectSimdLevel() {
   static const SimdLevel kDetected = DetectOnce();  // thread-safe static initialisation
+  return kDetected;
+}
+
+Avx512Extensions DetectAvx512Extensions() {
+  static const Avx512Extensions kDetected = DetectExtensionsOnce();
   return kDetected;
 }
 

@@ -24,6 +24,14 @@ SimdLevel DetectSimdLevel();
 // ask for a lower level, and makes asking for an unsupported one safe rather than a SIGILL.
 SimdLevel EffectiveSimdLevel(SimdLevel requested);
 
+// AVX-512 extensions beyond the AVX-512F that kAvx512 guarantees, for kernels with a faster path
+// when they are present (and a fallback when not). All false when DetectSimdLevel() < kAvx512.
+struct Avx512Extensions {
+  bool vnni = false;       // AVX512_VNNI: VPDPBUSD / VPDPWSSD
+  bool vpopcntdq = false;  // AVX512_VPOPCNTDQ: VPOPCNTD / VPOPCNTQ
+};
+Avx512Extensions DetectAvx512Extensions();
+
 // True when `level` can run on this machine.
 bool SimdLevelSupported(SimdLevel level);
 
