@@ -1,0 +1,100 @@
+// The transport-neutral collective interface the trainer uses to average gradients across
+// data-parallel workers, plus the small collectives a run needs around it (initial weights,
+// metric sums, the end-of-run weight hash check). Adapters: LocalCommunicator (one process, no
+// MPI), MpiCommunicator (worker/comm/mpi_communicator.h); NCCL and parameter-server adapters
+// follow the same contract.
+//
+// Contract. Every rank calls the same collectives in the same order with the same sizes and keys
+// (as with MPI). AllReduceMean leaves the same bits in `data` on every rank: an adapter that
+// cannot promise that says so in its header. Compressing adapters keep one error-feedback
+// residual per bucket key (compression/error_feedback.h); the residual accessors below expose
+// them for checkpoints. A residual key is an adapter-defined name derived from the bucket key
+// (one bucket may own several residuals), so restore residuals into an adapter configured like the
+// one that saved them (same codec, algorithm and world size).
+//
+// Errors: absl::Status from every collective. DEADLINE_EXCEEDED when a peer did not join within
+// the adapter's timeout (the message names the operation, bucket key, local rank and step: print
+// it and abort the job), INVALID_ARGUMENT for bad arguments or a corrupt peer payload (naming the
+// source rank), FAILED_PRECONDITION for a call on a communicator left unusable by an earlier
+// failure or by ranks calling collectives in different orders, ABORTED when a peer failed its part
+// of the same call (that peer's own error says why). After an error, `data` and the residuals of
+// the failed bucket are unspecified.
+//
+// Thread-safety: not thread-safe. One thread at a time drives a Communicator (the trainer's
+// communication thread); it may be a thread other than the one that created it.
+// Cost: see each adapter.
+#ifndef QTRAIN_WORKER_COMM_COMMUNICATOR_H_
+#define QTRAIN_WORKER_COMM_COMMUNICATOR_H_
+
+#include <cstdint>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+
+namespace qtrain::comm {
+
+// Time and traffic of AllReduceMean calls; each call adds to it (the trainer resets it per step).
+// Bytes count what this rank puts into / takes out of the collective at the algorithm's level
+// (serialized payloads, or 4 bytes per element for the fp32 allreduce), not the extra forwarding
+// an MPI implementation does inside a collective.
+struct StepStats {
+  double encode_seconds = 0.0;       // encode (with error feedback), serialize
+  double communicate_seconds = 0.0;  // waiting for collectives to complete
+  double decode_seconds = 0.0;       // parse, validate, decode-and-add, average
+  uint64_t bytes_sent = 0;
+  uint64_t bytes_received = 0;
+  int64_t calls = 0;  // AllReduceMean calls accumulated
+
+  StepStats& operator+=(const StepStats& other);
+};
+
+class Communicator {
+ public:
+  virtual ~Communicator() = default;
+
+  virtual int rank() const = 0;
+  virtual int world_size() const = 0;
+  // One line for logs, e.g. "mpi: 4 ranks, codec onebit, error feedback on, algorithm auto".
+  virtual std::string Describe() const = 0;
+
+  // Records the training step for error messages (a timeout names it). Costs nothing.
+  virtual void SetStep(int64_t step) = 0;
+
+  // Averages `data` (this rank's gradients of bucket `key`) across ranks, in place. All ranks pass
+  // the same key and size; the key must be non-empty. A compressing adapter encodes data plus the
+  // key's residual, keeps what the codec dropped in the residual, and leaves the average of all
+  // ranks' decoded payloads. `stats` may be null.
+  virtual absl::Status AllReduceMean(std::string_view key, std::span<float> data,
+                                     StepStats* stats) = 0;
+
+  // Copies `root`'s data into every rank's `data` (same size on all ranks). Exact (no codec).
+  virtual absl::Status Broadcast(std::span<float> data, int root) = 0;
+
+  // Element-wise sum across ranks, in place, in double (loss sums, correct and example counts).
+  // Every rank gets the same bits.
+  virtual absl::Status AllReduceSum(std::span<double> values) = 0;
+
+  // Every rank's value, indexed by rank (the end-of-run weight-hash check).
+  virtual absl::StatusOr<std::vector<uint64_t>> AllGatherU64(uint64_t value) = 0;
+
+  virtual absl::Status Barrier() = 0;
+
+  // Residual keys (sorted); empty when no codec with error feedback is set.
+  virtual std::vector<std::string> ResidualKeys() const = 0;
+  // The residual of `key`; empty when there is none.
+  virtual std::span<const float> Residual(std::string_view key) const = 0;
+  // Replaces (or creates) the residual of `key` (checkpoint restore). FAILED_PRECONDITION when
+  // error feedback is off.
+  virtual absl::Status SetResidual(std::string_view key, std::span<const float> values) = 0;
+
+  // Convenience: the sum of one scalar across ranks.
+  absl::StatusOr<double> AllReduceSumScalar(double value);
+};
+
+}  // namespace qtrain::comm
+
+#endif  // QTRAIN_WORKER_COMM_COMMUNICATOR_H_
