@@ -21,6 +21,7 @@
 #include "worker/data/load_dataset.h"
 #include "worker/kernels/cpu/thread_pool.h"
 #include "worker/nn/model.h"
+#include "worker/quant/quant_factory.h"
 #include "worker/train/trainer.h"
 
 ABSL_FLAG(std::string, model, "cnn", "Model: mlp, cnn or resnet20.");
@@ -47,11 +48,34 @@ ABSL_FLAG(std::string, checkpoint_dir, "", "Write checkpoint.qtrn here (atomical
 ABSL_FLAG(int64_t, checkpoint_every, 1, "Epochs between checkpoints.");
 ABSL_FLAG(bool, resume, false, "Continue from --checkpoint_dir/checkpoint.qtrn if it exists.");
 ABSL_FLAG(bool, progress, true, "Show the progress line on stderr.");
+ABSL_FLAG(std::string, wq, "none",
+          "Weight quantizer: none | dorefa:bits=K | sawb:bits=K | qil:bits=K[,gamma=G] | binary | "
+          "ternary (K in 1..8; qil 2..8).");
+ABSL_FLAG(std::string, aq, "none",
+          "Activation quantizer: none | dorefa:bits=K | pact:bits=K[,alpha=A][,l2=L] | "
+          "qil:bits=K. Replaces the ReLU in front of each quantized layer.");
+ABSL_FLAG(std::string, quant, "none",
+          "One method for weights and activations, e.g. qil:w=3,a=3 or dorefa:w=2,a=2 (instead "
+          "of --wq/--aq).");
+ABSL_FLAG(bool, fp_first_last, true,
+          "Keep the first and the last weight layer (and the classifier's input) full precision.");
+ABSL_FLAG(bool, fpsc, true,
+          "resnet20: full-precision shortcuts (PACT's fpsc); conv1 of each block reads a quantized "
+          "copy of the block input.");
+ABSL_FLAG(double, quantizer_lr_scale, 1.0,
+          "Extra learning-rate factor for quantizer parameters (PACT alpha, QIL c/d/gamma; QIL's "
+          "own 1/100 applies on top).");
 
 namespace qtrain {
 namespace {
 
 absl::Status RunTraining() {
+  // Flags first, so that a bad spec fails before the data is read.
+  ASSIGN_OR_RETURN(quant::QuantConfig quant_config,
+                   quant::MakeQuantConfig(absl::GetFlag(FLAGS_quant), absl::GetFlag(FLAGS_wq),
+                                          absl::GetFlag(FLAGS_aq), absl::GetFlag(FLAGS_fp_first_last),
+                                          absl::GetFlag(FLAGS_fpsc)));
+  ASSIGN_OR_RETURN(auto quant_factory, quant::QuantLayerFactory::Create(quant_config));
   ASSIGN_OR_RETURN(data::DataSpec spec, data::ParseDataSpec(absl::GetFlag(FLAGS_data)));
   data::LoadOptions load;
   load.max_train = absl::GetFlag(FLAGS_max_train);
@@ -75,9 +99,11 @@ absl::Status RunTraining() {
   model_spec.input = {splits.train.channels, splits.train.height, splits.train.width};
   model_spec.num_classes = splits.train.num_classes;
   model_spec.seed = absl::GetFlag(FLAGS_seed);
+  model_spec.factory = quant_factory.get();
   ASSIGN_OR_RETURN(auto model, nn::BuildModel(model_spec));
   QTRAIN_LOG(INFO) << "model " << model_spec.name << ", " << nn::CountParameters(*model)
-                   << " parameters, " << threads << " threads";
+                   << " parameters, " << threads << " threads, quantization "
+                   << quant_config.ToString();
 
   train::TrainerOptions options;
   options.epochs = absl::GetFlag(FLAGS_epochs);
@@ -90,6 +116,7 @@ absl::Status RunTraining() {
   options.sgd.momentum = static_cast<float>(absl::GetFlag(FLAGS_momentum));
   options.sgd.weight_decay = static_cast<float>(absl::GetFlag(FLAGS_weight_decay));
   options.sgd.nesterov = absl::GetFlag(FLAGS_nesterov);
+  options.sgd.quantizer_lr_scale = static_cast<float>(absl::GetFlag(FLAGS_quantizer_lr_scale));
   options.log_every = absl::GetFlag(FLAGS_log_every);
   options.metrics_path = absl::GetFlag(FLAGS_metrics);
   options.checkpoint_dir = absl::GetFlag(FLAGS_checkpoint_dir);
@@ -99,16 +126,17 @@ absl::Status RunTraining() {
   options.progress = absl::GetFlag(FLAGS_progress);
   options.settings = absl::StrCat("model=", model_spec.name, " data=", absl::GetFlag(FLAGS_data),
                                   " epochs=", options.epochs, " batch_size=", options.batch_size,
-                                  " lr=", options.lr.base_lr, " seed=", options.seed);
+                                  " lr=", options.lr.base_lr, " seed=", options.seed,
+                                  " quant=", quant_config.ToString());
 
   train::ModelInfo info{model_spec.name, model_spec.input, model_spec.num_classes};
   ASSIGN_OR_RETURN(auto trainer, train::Trainer::Create(model.get(), info, &splits,
                                                         data::TrainAugmentation(spec), options, cpu));
   ASSIGN_OR_RETURN(train::TrainSummary s, trainer->Run());
   std::printf(
-      "summary: model=%s data=%s epochs=%lld steps=%lld final_test_accuracy=%.2f%% "
+      "summary: model=%s quant=%s data=%s epochs=%lld steps=%lld final_test_accuracy=%.2f%% "
       "best_test_accuracy=%.2f%% test_loss=%.4f train_time=%s images_per_second=%.0f\n",
-      model_spec.name.c_str(), data::DataSpecToString(spec).c_str(),
+      model_spec.name.c_str(), quant_config.ToString().c_str(), data::DataSpecToString(spec).c_str(),
       static_cast<long long>(s.epochs_run), static_cast<long long>(s.steps),
       100 * s.final_test_accuracy, 100 * s.best_test_accuracy, s.final_test_loss,
       absl::StrFormat("%.1fs", s.seconds).c_str(), s.images_per_second);

@@ -43,6 +43,14 @@ check "resume into another model is refused" 1 "holds model 'cnn'" -- \
 printf 'garbage' | dd of="$work/ck/checkpoint.qtrn" bs=1 seek=40 conv=notrunc status=none
 check "corrupt checkpoint is DATA_LOSS" 1 "DATA_LOSS.*checksum" -- \
   "$qtrain" --model=cnn --epochs=3 "${common[@]}" --checkpoint_dir="$work/ck" --resume
+check "2-bit weights and activations learn" 0 "quant=w=sawb:bits=2;a=pact:bits=2.*final_test_accuracy=([4-9][0-9]|100)\." -- \
+  "$qtrain" --model=cnn --epochs=2 "${common[@]}" --wq=sawb:bits=2 --aq=pact:bits=2 --checkpoint_dir="$work/q"
+check "resume of a quantized run into fp32 is refused" 1 "parameters.*settings: .*quant=w=sawb" -- \
+  "$qtrain" --model=cnn --epochs=3 "${common[@]}" --checkpoint_dir="$work/q" --resume
+check "activation method as weight quantizer" 1 "weight quantizer spec 'pact:bits=2'.*valid: " -- \
+  "$qtrain" --wq=pact:bits=2 "${common[@]}"
+check "--quant with --wq is refused" 1 "do not combine" -- \
+  "$qtrain" --quant=qil:w=3,a=3 --wq=sawb:bits=2 "${common[@]}"
 check "unknown model lists the valid ones" 1 "valid models: mlp, cnn, resnet20" -- \
   "$qtrain" --model=vgg "${common[@]}"
 check "unknown flag is refused" 1 "Unknown command line flag" -- "$qtrain" --epoch=3

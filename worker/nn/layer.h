@@ -33,6 +33,9 @@ struct Parameter {
   ParamKind kind = ParamKind::kWeight;
   Tensor value;      // the full-precision master copy
   Tensor grad;       // same shape as value
+  // Multiplies the optimizer's learning rate for this parameter: the owner sets it when the
+  // method prescribes its own rate (QIL's interval parameters train at 1/100 of the weights').
+  float lr_scale = 1.0f;
 };
 
 // Non-trained state that checkpoints must keep (batch-norm running statistics).

@@ -16,73 +16,114 @@
 namespace qtrain::nn {
 namespace {
 
-void AddConvBnRelu(Sequential* net, int index, int64_t in, int64_t out, std::mt19937_64& rng) {
-  const std::string i = std::to_string(index);
-  net->Emplace<Conv2d>("conv" + i,
-                       Conv2dOptions{.in_channels = in,
-                                     .out_channels = out,
-                                     .kernel = 3,
-                                     .stride = 1,
-                                     .padding = 1,
-                                     .bias = false},
-                       rng);
-  net->Emplace<BatchNorm2d>("bn" + i, BatchNormOptions{.channels = out});
-  net->Emplace<Relu>("relu" + i);
+// Appends the nonlinearity that feeds `consumer`: the factory's (e.g. a quantizer) or a ReLU.
+void AddActivation(Sequential* net, const LayerFactory& factory, const std::string& name,
+                   WeightLayerRole consumer) {
+  std::unique_ptr<Layer> act = factory.MakeActivation(name, consumer);
+  if (act) {
+    net->Add(std::move(act));
+  } else {
+    net->Emplace<Relu>(name);
+  }
 }
 
-std::unique_ptr<Sequential> BuildMlp(const ModelSpec& spec, std::mt19937_64& rng) {
+// conv3x3 (pad 1, no bias), batch norm; the activation after it is the caller's.
+void AddConvBn(Sequential* net, const LayerFactory& factory, int index, int64_t in, int64_t out,
+               std::mt19937_64& rng, WeightLayerRole role) {
+  const std::string i = std::to_string(index);
+  net->Add(factory.MakeConv2d("conv" + i,
+                              Conv2dOptions{.in_channels = in,
+                                            .out_channels = out,
+                                            .kernel = 3,
+                                            .stride = 1,
+                                            .padding = 1,
+                                            .bias = false},
+                              rng, role));
+  net->Emplace<BatchNorm2d>("bn" + i, BatchNormOptions{.channels = out});
+}
+
+constexpr WeightLayerRole kFirst{.first = true};
+constexpr WeightLayerRole kMiddle{};
+constexpr WeightLayerRole kLast{.last = true};
+
+std::unique_ptr<Sequential> BuildMlp(const ModelSpec& spec, const LayerFactory& f,
+                                     std::mt19937_64& rng) {
   auto net = std::make_unique<Sequential>(spec.name);
   net->Emplace<Flatten>("flatten");
-  net->Emplace<Linear>(
-      "fc1", LinearOptions{.in_features = NumElements(spec.input), .out_features = 512}, rng);
-  net->Emplace<Relu>("relu1");
-  net->Emplace<Linear>("fc2", LinearOptions{.in_features = 512, .out_features = 256}, rng);
-  net->Emplace<Relu>("relu2");
-  net->Emplace<Linear>("fc3", LinearOptions{.in_features = 256, .out_features = spec.num_classes},
-                       rng);
+  net->Add(f.MakeLinear(
+      "fc1", LinearOptions{.in_features = NumElements(spec.input), .out_features = 512}, rng,
+      kFirst));
+  AddActivation(net.get(), f, "relu1", kMiddle);
+  net->Add(f.MakeLinear("fc2", LinearOptions{.in_features = 512, .out_features = 256}, rng,
+                        kMiddle));
+  AddActivation(net.get(), f, "relu2", kLast);
+  net->Add(f.MakeLinear(
+      "fc3", LinearOptions{.in_features = 256, .out_features = spec.num_classes}, rng, kLast));
   return net;
 }
 
-std::unique_ptr<Sequential> BuildCnn(const ModelSpec& spec, std::mt19937_64& rng) {
+std::unique_ptr<Sequential> BuildCnn(const ModelSpec& spec, const LayerFactory& f,
+                                     std::mt19937_64& rng) {
   auto net = std::make_unique<Sequential>(spec.name);
-  AddConvBnRelu(net.get(), 1, spec.input[0], 32, rng);
-  AddConvBnRelu(net.get(), 2, 32, 32, rng);
+  AddConvBn(net.get(), f, 1, spec.input[0], 32, rng, kFirst);
+  AddActivation(net.get(), f, "relu1", kMiddle);
+  AddConvBn(net.get(), f, 2, 32, 32, rng, kMiddle);
+  AddActivation(net.get(), f, "relu2", kMiddle);
   net->Emplace<MaxPool2d>("pool1", MaxPoolOptions{.kernel = 2, .stride = 2});
-  AddConvBnRelu(net.get(), 3, 32, 64, rng);
-  AddConvBnRelu(net.get(), 4, 64, 64, rng);
+  AddConvBn(net.get(), f, 3, 32, 64, rng, kMiddle);
+  AddActivation(net.get(), f, "relu3", kMiddle);
+  AddConvBn(net.get(), f, 4, 64, 64, rng, kMiddle);
+  AddActivation(net.get(), f, "relu4", kMiddle);
   net->Emplace<MaxPool2d>("pool2", MaxPoolOptions{.kernel = 2, .stride = 2});
   net->Emplace<Flatten>("flatten");
   const int64_t features = 64 * (spec.input[1] / 4) * (spec.input[2] / 4);
-  net->Emplace<Linear>(
+  net->Add(f.MakeLinear(
       "fc1", LinearOptions{.in_features = std::max<int64_t>(features, 1), .out_features = 256},
-      rng);
-  net->Emplace<Relu>("relu5");
-  net->Emplace<Linear>("fc2", LinearOptions{.in_features = 256, .out_features = spec.num_classes},
-                       rng);
+      rng, kMiddle));
+  AddActivation(net.get(), f, "relu5", kLast);
+  net->Add(f.MakeLinear(
+      "fc2", LinearOptions{.in_features = 256, .out_features = spec.num_classes}, rng, kLast));
   return net;
 }
 
-std::unique_ptr<Sequential> BuildResnet20(const ModelSpec& spec, std::mt19937_64& rng) {
+// With full-precision shortcuts each block quantizes its own first convolution's input, so the
+// activations between blocks stay plain ReLUs; otherwise they are quantized where produced.
+std::unique_ptr<Sequential> BuildResnet20(const ModelSpec& spec, const LayerFactory& f,
+                                          std::mt19937_64& rng) {
   auto net = std::make_unique<Sequential>(spec.name);
-  AddConvBnRelu(net.get(), 1, spec.input[0], 16, rng);
+  const bool fpsc = f.full_precision_shortcut();
+  AddConvBn(net.get(), f, 1, spec.input[0], 16, rng, kFirst);
+  if (fpsc) {
+    net->Emplace<Relu>("relu1");
+  } else {
+    AddActivation(net.get(), f, "relu1", kMiddle);
+  }
   int64_t in = 16;
+  constexpr int kStages = 3;
   constexpr int kBlocksPerStage = 3;
-  for (int stage = 0; stage < 3; ++stage) {
+  for (int stage = 0; stage < kStages; ++stage) {
     const int64_t out = int64_t{16} << stage;
     for (int block = 0; block < kBlocksPerStage; ++block) {
       const int64_t stride = (stage > 0 && block == 0) ? 2 : 1;
-      net->Emplace<Residual>(absl::StrCat("layer", stage + 1, ".", block),
+      const std::string name = absl::StrCat("layer", stage + 1, ".", block);
+      net->Emplace<Residual>(name,
                              ResidualOptions{.in_channels = in,
                                              .out_channels = out,
                                              .stride = stride,
-                                             .shortcut = spec.resnet_shortcut},
+                                             .shortcut = spec.resnet_shortcut,
+                                             .factory = &f},
                              rng);
+      const bool feeds_classifier = stage == kStages - 1 && block == kBlocksPerStage - 1;
+      if (!fpsc && !feeds_classifier) {
+        std::unique_ptr<Layer> q = f.MakeInputQuantizer(name + ".out_aq", kMiddle);
+        if (q) net->Add(std::move(q));
+      }
       in = out;
     }
   }
   net->Emplace<GlobalAvgPool>("avgpool");
-  net->Emplace<Linear>("fc", LinearOptions{.in_features = in, .out_features = spec.num_classes},
-                       rng);
+  net->Add(f.MakeLinear("fc", LinearOptions{.in_features = in, .out_features = spec.num_classes},
+                        rng, kLast));
   return net;
 }
 
@@ -141,13 +182,14 @@ absl::StatusOr<std::unique_ptr<Sequential>> BuildModel(const ModelSpec& spec) {
         absl::StrCat("model '", spec.name, "': num_classes must be >= 1, got ", spec.num_classes));
   }
   std::mt19937_64 rng(spec.seed);
+  const LayerFactory& factory = spec.factory != nullptr ? *spec.factory : DefaultLayerFactory();
   std::unique_ptr<Sequential> net;
   if (spec.name == "mlp") {
-    net = BuildMlp(spec, rng);
+    net = BuildMlp(spec, factory, rng);
   } else if (spec.name == "cnn") {
-    net = BuildCnn(spec, rng);
+    net = BuildCnn(spec, factory, rng);
   } else if (spec.name == "resnet20") {
-    net = BuildResnet20(spec, rng);
+    net = BuildResnet20(spec, factory, rng);
   } else {
     return absl::InvalidArgumentError(absl::StrCat(
         "unknown model '", spec.name, "'; valid models: ", absl::StrJoin(ModelNames(), ", ")));

@@ -9,6 +9,9 @@
 //               pooling, linear 64->classes. Any channel count and size the convolutions accept
 //               (e.g. 1x28x28 or 3x32x32). Shortcuts per ModelSpec::resnet_shortcut.
 //
+// Quantized variants come from ModelSpec::factory (see layer_factory.h): it supplies every conv
+// and linear layer (told whether it is the first or last) and the activation in front of each.
+//
 // Weights are drawn (Kaiming-normal) from one std::mt19937_64 seeded with spec.seed, layer by
 // layer in network order, so the same spec gives the same model bit for bit.
 //
@@ -23,6 +26,7 @@
 
 #include "absl/status/statusor.h"
 #include "worker/nn/layer.h"
+#include "worker/nn/layer_factory.h"
 #include "worker/nn/residual.h"
 #include "worker/nn/sequential.h"
 
@@ -37,6 +41,9 @@ struct ModelSpec {
   // choice (option A, 269,722 parameters at 3x32x32 / 10 classes); kProjection is option B
   // (272,474).
   ShortcutKind resnet_shortcut = ShortcutKind::kZeroPad;
+  // Where the weight layers and the activations in front of them come from; nullptr means
+  // DefaultLayerFactory() (full precision). Used only during BuildModel.
+  const LayerFactory* factory = nullptr;
 };
 
 // The model names BuildModel knows, in the order listed in its errors.

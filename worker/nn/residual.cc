@@ -34,43 +34,50 @@ Residual::Residual(std::string name, const ResidualOptions& options, std::mt1993
       << "residual '" << this->name() << "': a zero-pad shortcut cannot drop channels";
   const int64_t in = options.in_channels;
   const int64_t out = options.out_channels;
-  conv1_ = std::make_unique<Conv2d>("conv1",
-                                    Conv2dOptions{.in_channels = in,
-                                                  .out_channels = out,
-                                                  .kernel = 3,
-                                                  .stride = options.stride,
-                                                  .padding = 1,
-                                                  .bias = false},
-                                    rng);
+  const LayerFactory& factory =
+      options.factory != nullptr ? *options.factory : DefaultLayerFactory();
+  const bool fpsc = factory.full_precision_shortcut();
+  constexpr WeightLayerRole kMiddle{};
+  conv1_ = factory.MakeConv2d("conv1",
+                              Conv2dOptions{.in_channels = in,
+                                            .out_channels = out,
+                                            .kernel = 3,
+                                            .stride = options.stride,
+                                            .padding = 1,
+                                            .bias = false},
+                              rng, kMiddle);
   bn1_ = std::make_unique<BatchNorm2d>("bn1", BatchNormOptions{.channels = out});
-  conv2_ = std::make_unique<Conv2d>("conv2",
-                                    Conv2dOptions{.in_channels = out,
-                                                  .out_channels = out,
-                                                  .kernel = 3,
-                                                  .stride = 1,
-                                                  .padding = 1,
-                                                  .bias = false},
-                                    rng);
+  conv2_ = factory.MakeConv2d("conv2",
+                              Conv2dOptions{.in_channels = out,
+                                            .out_channels = out,
+                                            .kernel = 3,
+                                            .stride = 1,
+                                            .padding = 1,
+                                            .bias = false},
+                              rng, kMiddle);
   bn2_ = std::make_unique<BatchNorm2d>("bn2", BatchNormOptions{.channels = out});
+  act1_ = factory.MakeActivation("relu1", kMiddle);
+  if (fpsc) in_quant_ = factory.MakeInputQuantizer("aq_in", kMiddle);
   if (!has_identity_shortcut() && options.shortcut == ShortcutKind::kProjection) {
-    shortcut_conv_ = std::make_unique<Conv2d>("shortcut_conv",
-                                              Conv2dOptions{.in_channels = in,
-                                                            .out_channels = out,
-                                                            .kernel = 1,
-                                                            .stride = options.stride,
-                                                            .padding = 0,
-                                                            .bias = false},
-                                              rng);
+    const LayerFactory& shortcut_factory = fpsc ? DefaultLayerFactory() : factory;
+    shortcut_conv_ = shortcut_factory.MakeConv2d("shortcut_conv",
+                                                 Conv2dOptions{.in_channels = in,
+                                                               .out_channels = out,
+                                                               .kernel = 1,
+                                                               .stride = options.stride,
+                                                               .padding = 0,
+                                                               .bias = false},
+                                                 rng, kMiddle);
     shortcut_bn_ = std::make_unique<BatchNorm2d>("shortcut_bn", BatchNormOptions{.channels = out});
   }
-  std::vector<Layer*> children = {conv1_.get(), bn1_.get(), conv2_.get(), bn2_.get()};
-  if (shortcut_conv_) {
-    children.push_back(shortcut_conv_.get());
-    children.push_back(shortcut_bn_.get());
-  }
-  child_params_.resize(children.size());
-  for (size_t i = 0; i < children.size(); ++i) {
-    PrefixNames(children[i]->name(), children[i], &child_params_[i]);
+  const Layer* children[] = {conv1_.get(),    bn1_.get(),           conv2_.get(),
+                             bn2_.get(),      act1_.get(),          in_quant_.get(),
+                             shortcut_conv_.get(), shortcut_bn_.get()};
+  child_params_.resize(std::size(children));
+  for (size_t i = 0; i < std::size(children); ++i) {
+    if (children[i] != nullptr) {
+      PrefixNames(children[i]->name(), const_cast<Layer*>(children[i]), &child_params_[i]);
+    }
   }
 }
 
@@ -98,9 +105,19 @@ absl::StatusOr<Shape> Residual::OutputShape(const Shape& input) const {
 
 void Residual::Forward(RunContext& ctx, const Tensor& x, Tensor* y) {
   QTRAIN_CHECK(y != &x) << "residual '" << name() << "' cannot run in place";
-  conv1_->Forward(ctx, x, &conv1_out_);
-  bn1_->Forward(ctx, conv1_out_, &relu1_out_);
-  kernels::ReluForward(ctx.cpu, relu1_out_.size(), relu1_out_.data(), relu1_out_.data());
+  if (in_quant_) {
+    in_quant_->Forward(ctx, x, &x_quant_);
+    conv1_->Forward(ctx, x_quant_, &conv1_out_);
+  } else {
+    conv1_->Forward(ctx, x, &conv1_out_);
+  }
+  if (act1_) {
+    bn1_->Forward(ctx, conv1_out_, &bn1_out_);
+    act1_->Forward(ctx, bn1_out_, &relu1_out_);
+  } else {
+    bn1_->Forward(ctx, conv1_out_, &relu1_out_);
+    kernels::ReluForward(ctx.cpu, relu1_out_.size(), relu1_out_.data(), relu1_out_.data());
+  }
   conv2_->Forward(ctx, relu1_out_, &conv2_out_);
   bn2_->Forward(ctx, conv2_out_, y);  // bn2 does not need its output: the add + ReLU reuse *y
   if (shortcut_conv_) {
@@ -210,17 +227,34 @@ void Residual::Backward(RunContext& ctx, const Tensor& dy, Tensor* dx) {
   Report(ctx, child_params_[3]);
   conv2_->Backward(ctx, grad_a_, &grad_b_);
   Report(ctx, child_params_[2]);
-  kernels::ReluBackward(ctx.cpu, grad_b_.size(), relu1_out_.data(), grad_b_.data(), grad_b_.data());
-  bn1_->Backward(ctx, grad_b_, &grad_a_);
+  const Tensor* grad_bn1_out = &grad_b_;
+  if (act1_) {
+    act1_->Backward(ctx, grad_b_, &grad_act_);
+    Report(ctx, child_params_[4]);
+    grad_bn1_out = &grad_act_;
+  } else {
+    kernels::ReluBackward(ctx.cpu, grad_b_.size(), relu1_out_.data(), grad_b_.data(),
+                          grad_b_.data());
+  }
+  bn1_->Backward(ctx, *grad_bn1_out, &grad_a_);
   Report(ctx, child_params_[1]);
-  conv1_->Backward(ctx, grad_a_, dx);
-  Report(ctx, child_params_[0]);
+  if (in_quant_) {
+    // conv1's data gradient is d/d(quantized x); the quantizer maps it to d/dx (and its own
+    // parameters need it even when dx is not wanted).
+    conv1_->Backward(ctx, grad_a_, &grad_b_);
+    Report(ctx, child_params_[0]);
+    in_quant_->Backward(ctx, grad_b_, dx);
+    Report(ctx, child_params_[5]);
+  } else {
+    conv1_->Backward(ctx, grad_a_, dx);
+    Report(ctx, child_params_[0]);
+  }
 
   if (shortcut_conv_) {
     shortcut_bn_->Backward(ctx, dz_, &grad_shortcut_a_);
-    Report(ctx, child_params_[5]);
+    Report(ctx, child_params_[7]);
     shortcut_conv_->Backward(ctx, grad_shortcut_a_, dx != nullptr ? &grad_shortcut_x_ : nullptr);
-    Report(ctx, child_params_[4]);
+    Report(ctx, child_params_[6]);
     if (dx != nullptr) {
       kernels::Add(ctx.cpu, dx->size(), dx->data(), grad_shortcut_x_.data(), dx->data());
     }

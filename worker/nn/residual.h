@@ -15,7 +15,8 @@
 //     (ResNet-20 then has 272,474 parameters).
 //
 // Children (parameter prefixes): conv1, bn1, conv2, bn2 and, for a projection, shortcut_conv,
-// shortcut_bn. The final add and ReLU are fused into one pass over the output; the inner ReLU runs
+// shortcut_bn; with a quantizing factory (ResidualOptions::factory) also relu1 (the activation
+// quantizer between the convolutions) and aq_in (conv1's input quantizer). The final add and ReLU are fused into one pass over the output; the inner ReLU runs
 // in place. Forward keeps pointers to x and *y for Backward (both must stay alive and unchanged
 // until then). If ctx.on_grads_ready is set, Backward reports each child's parameters right after
 // that child's backward (bn2, conv2, bn1, conv1, then the projection's). Cost: the two
@@ -32,6 +33,7 @@
 #include "worker/nn/batch_norm.h"
 #include "worker/nn/conv2d.h"
 #include "worker/nn/layer.h"
+#include "worker/nn/layer_factory.h"
 
 namespace qtrain::nn {
 
@@ -46,6 +48,12 @@ struct ResidualOptions {
   int64_t stride = 1;
   // Used only when the shape changes (stride != 1 or in_channels != out_channels).
   ShortcutKind shortcut = ShortcutKind::kZeroPad;
+  // Supplies conv1, conv2 (role: middle), the activation between them (MakeActivation; a plain
+  // in-place ReLU when it returns nullptr) and, when factory->full_precision_shortcut(), a
+  // quantizer of x in front of conv1 only (MakeInputQuantizer; the shortcut reads x). A
+  // projection shortcut's conv comes from the factory unless shortcuts are full precision.
+  // nullptr: DefaultLayerFactory(). Used only by the constructor.
+  const LayerFactory* factory = nullptr;
 };
 
 class Residual : public Layer {
@@ -76,12 +84,16 @@ class Residual : public Layer {
   std::unique_ptr<BatchNorm2d> bn2_;
   std::unique_ptr<Conv2d> shortcut_conv_;     // projection only
   std::unique_ptr<BatchNorm2d> shortcut_bn_;  // projection only
-  // Per child, in CollectParameters order: conv1, bn1, conv2, bn2, shortcut_conv, shortcut_bn.
+  std::unique_ptr<Layer> act1_;      // null: in-place ReLU
+  std::unique_ptr<Layer> in_quant_;  // null: conv1 reads x
+  // Per child, in CollectParameters order: conv1, bn1, conv2, bn2, act1, in_quant,
+  // shortcut_conv, shortcut_bn (empty lists for absent children).
   std::vector<std::vector<Parameter*>> child_params_;
 
   const Tensor* input_ = nullptr;             // saved by Forward
   const Tensor* output_ = nullptr;            // saved by Forward
   Tensor conv1_out_, relu1_out_, conv2_out_;  // forward activations (relu1 in place on bn1's)
+  Tensor bn1_out_, grad_act_, x_quant_;      // with act1_ / in_quant_ only
   Tensor shortcut_conv_out_, shortcut_out_;   // projection only
   Tensor dz_;                                 // gradient at the final ReLU's input
   Tensor grad_a_, grad_b_;                    // gradients inside the main branch

@@ -32,6 +32,7 @@ class DorefaWeightQuantizer : public WeightQuantizer {
 
   std::string Describe() const override;
   int bits() const override { return bits_; }
+  bool unit_range() const override { return true; }
   void Forward(const nn::RunContext& ctx, const nn::Tensor& w, nn::Tensor* wq) override;
   void Backward(const nn::RunContext& ctx, const nn::Tensor& w, const nn::Tensor& dwq,
                 nn::Tensor* dw) override;

@@ -14,6 +14,7 @@ nn::Parameter ScalarParameter(std::string name, float value) {
   nn::Parameter p;
   p.name = std::move(name);
   p.kind = nn::ParamKind::kQuantizer;
+  p.lr_scale = kQilLrScale;
   p.value = nn::Tensor({1}, {value});
   p.grad = nn::Tensor({1});
   return p;

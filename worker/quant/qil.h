@@ -17,8 +17,8 @@
 // ends). For activations the same with gamma = 1 and x in place of |w|, s = 1.
 //
 // Parameters (kQuantizer, shape [1]): weights "wq.c", "wq.d", "wq.gamma"; activations "c", "d".
-// The paper trains them at 1/100 of the weight learning rate: QuantSpec::param_lr_scale = 0.01
-// (kQilLrScale) is what the trainer should set as SgdOptions::quantizer_lr_scale.
+// The paper trains them at 1/100 of the weight learning rate: their Parameter::lr_scale is
+// kQilLrScale (0.01), which the optimizer applies.
 // Initialisation from the layer's statistics on the first Forward (d == 0 marks "not yet
 // initialised", so values restored from a checkpoint are kept): weights c - d = 0,
 // c + d = min(max|w|, 3 sqrt(E[w^2])); activations c - d = 0, c + d = min(max x,
@@ -56,6 +56,7 @@ class QilWeightQuantizer : public WeightQuantizer {
 
   std::string Describe() const override;
   int bits() const override { return options_.bits; }
+  bool unit_range() const override { return true; }
   void Forward(const nn::RunContext& ctx, const nn::Tensor& w, nn::Tensor* wq) override;
   void Backward(const nn::RunContext& ctx, const nn::Tensor& w, const nn::Tensor& dwq,
                 nn::Tensor* dw) override;

@@ -105,7 +105,6 @@ absl::StatusOr<QuantSpec> Parse(Target target, absl::string_view spec) {
   QuantSpec out;
   out.method = info->method;
   out.bits = info->min_bits == info->max_bits ? info->min_bits : 0;
-  if (out.method == Method::kQil) out.param_lr_scale = kQilLrScale;
   for (const auto& [key, value] : *keys) {
     bool allowed = false;
     for (const std::string& k : info->keys) allowed |= (k == key);

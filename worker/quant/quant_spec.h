@@ -39,10 +39,6 @@ struct QuantSpec {
   float pact_alpha = 10.0f;  // PACT initial alpha
   float pact_l2 = 0.0f;      // PACT L2 penalty on alpha
   float qil_gamma = 1.0f;    // QIL weight exponent initial value
-  // The learning-rate multiplier the method wants for its kQuantizer parameters (relative to the
-  // weight learning rate): kQilLrScale (0.01) for QIL, 1 otherwise. The trainer passes it to
-  // SgdOptions::quantizer_lr_scale.
-  float param_lr_scale = 1.0f;
 
   // Canonical spec string, parseable back: "pact:bits=2,alpha=10,l2=0".
   std::string ToString() const;

@@ -7,7 +7,7 @@
 //
 // and appends the quantizer's own parameters (CollectParameters; ParamKind::kQuantizer, names
 // "wq.<x>") after its weight and bias, so the optimizer trains them under its quantizer learning
-// rate (SgdOptions::quantizer_lr_scale; QuantSpec::param_lr_scale says what each method wants).
+// rate (each Parameter's lr_scale, set by the method, times SgdOptions::quantizer_lr_scale).
 //
 // A quantizer keeps what Forward computed (scales, thresholds) for the next Backward and for
 // Levels(); it does not keep pointers to w. Thread-safety: one thread at a time, like a layer.
@@ -30,6 +30,9 @@ class WeightQuantizer {
   // One line for model summaries, e.g. "sawb 2-bit".
   virtual std::string Describe() const = 0;
   virtual int bits() const = 0;
+  // True when the codebook is a fixed range independent of w's magnitude ([-1, 1] for DoReFa and
+  // QIL). Quantized layers then multiply wq by a constant (see quantized_layers.h).
+  virtual bool unit_range() const { return false; }
 
   // Computes wq = Q(w) from the full-precision master weight (shape [out, ...]; per-channel
   // methods use dim 0). wq is resized to w's shape. Precondition: w non-empty.

@@ -36,7 +36,9 @@ void Sgd::Step(const kernels::CpuContext& ctx, float lr) {
   for (size_t k = 0; k < params_.size(); ++k) {
     nn::Parameter& p = *params_[k];
     const float wd = p.kind == nn::ParamKind::kWeight ? options_.weight_decay : 0.0f;
-    const float step = p.kind == nn::ParamKind::kQuantizer ? lr * options_.quantizer_lr_scale : lr;
+    const float step = p.kind == nn::ParamKind::kQuantizer
+                           ? lr * p.lr_scale * options_.quantizer_lr_scale
+                           : lr * p.lr_scale;
     float* w = p.value.data();
     const float* g = p.grad.data();
     float* v = momentum_[k].data();

@@ -4,7 +4,8 @@
 //   v  = momentum * v + g'
 //   w -= lr * (nesterov ? g' + momentum * v : v)
 //
-// Quantizer parameters (ParamKind::kQuantizer) use lr * quantizer_lr_scale.
+// Each parameter steps with lr * p.lr_scale (QIL's interval parameters set 0.01), and quantizer
+// parameters (ParamKind::kQuantizer) additionally with quantizer_lr_scale.
 //
 // Thread-safety: not thread-safe; one per model. Memory: one momentum tensor per parameter.
 #ifndef QTRAIN_WORKER_TRAIN_OPTIMIZER_H_

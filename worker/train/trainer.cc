@@ -126,7 +126,11 @@ absl::Status Trainer::MaybeResume(int64_t* epoch, int64_t* step, double* best) {
   if (ckpt.epoch() < 0 || ckpt.step() < 0) {
     return absl::DataLossError(absl::StrCat("checkpoint ", path, " has negative progress"));
   }
-  RETURN_IF_ERROR(RestoreState(ckpt, params_, buffers_, &sgd_->momentum()));
+  if (absl::Status s = RestoreState(ckpt, params_, buffers_, &sgd_->momentum()); !s.ok()) {
+    // Usually a different quantization: say what the checkpoint was trained with.
+    return absl::Status(s.code(), absl::StrCat(s.message(), " (checkpoint ", path, " settings: ",
+                                               ckpt.settings(), ")"));
+  }
   *epoch = ckpt.epoch();
   *step = ckpt.step();
   *best = ckpt.best_test_accuracy();

@@ -21,7 +21,6 @@ TEST(QuantSpecTest, ParsesWeightSpecs) {
   ASSERT_OK_AND_ASSIGN(s, ParseWeightQuantSpec("qil:bits=3,gamma=0.5"));
   EXPECT_EQ(s.method, Method::kQil);
   EXPECT_EQ(s.qil_gamma, 0.5f);
-  EXPECT_EQ(s.param_lr_scale, kQilLrScale);
   ASSERT_OK_AND_ASSIGN(s, ParseWeightQuantSpec("binary"));
   EXPECT_EQ(s.method, Method::kBinary);
   EXPECT_EQ(s.bits, 1);

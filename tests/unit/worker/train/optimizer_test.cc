@@ -50,6 +50,21 @@ TEST(SgdTest, NesterovAndQuantizerScale) {
   EXPECT_FLOAT_EQ(q.value[0], 2.0f - 0.015f);
 }
 
+TEST(SgdTest, PerParameterLrScale) {
+  nn::Parameter w = MakeParam(nn::ParamKind::kWeight, 1.0f, 1.0f);
+  nn::Parameter q = MakeParam(nn::ParamKind::kQuantizer, 1.0f, 1.0f);
+  w.lr_scale = 0.5f;
+  q.lr_scale = 0.01f;
+  SgdOptions o;
+  o.momentum = 0.0f;
+  o.weight_decay = 0.0f;
+  o.quantizer_lr_scale = 2.0f;
+  Sgd sgd({&w, &q}, o);
+  sgd.Step(kernels::CpuContext{}, 1.0f);
+  EXPECT_FLOAT_EQ(w.value[0], 1.0f - 0.5f);
+  EXPECT_FLOAT_EQ(q.value[0], 1.0f - 0.02f);  // lr * lr_scale * quantizer_lr_scale
+}
+
 TEST(SgdTest, OptionsAreValidated) {
   SgdOptions o;
   EXPECT_THAT(ValidateSgdOptions(o), IsOk());
