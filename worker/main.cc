@@ -1,6 +1,8 @@
 // qtrain: the worker binary. Flags are parsed here and only here; everything else takes
 // options structs. `qtrain --help` lists every flag with its default.
+#include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <memory>
 #include <string>
 #include <thread>
@@ -17,6 +19,9 @@
 #include "common/logging.h"
 #include "common/status_macros.h"
 #include "common/timer.h"
+#include "worker/comm/bucket_codec.h"
+#include "worker/comm/local_communicator.h"
+#include "worker/comm/mpi_communicator.h"
 #include "worker/data/data_spec.h"
 #include "worker/data/load_dataset.h"
 #include "worker/kernels/cpu/thread_pool.h"
@@ -66,10 +71,81 @@ ABSL_FLAG(double, quantizer_lr_scale, 1.0,
           "Extra learning-rate factor for quantizer parameters (PACT alpha, QIL c/d/gamma; QIL's "
           "own 1/100 applies on top).");
 
+ABSL_FLAG(std::string, codec, "fp32",
+          "Gradient codec for data-parallel averaging: fp32 (plain allreduce) | fp16 | onebit | "
+          "terngrad | qsgd:levels=16 | threshold:tau=T | ... (compression registry spec; a bad "
+          "spec lists the valid ones). Without mpirun a codec still compresses the one process's "
+          "gradients (what an MPI run with it would see).");
+ABSL_FLAG(std::string, error_feedback, "auto",
+          "Error feedback for --codec: auto (the spec's ef key, else the codec's default), on or off.");
+ABSL_FLAG(std::string, allreduce, "auto",
+          "Compressed allreduce under mpirun: auto (allgather up to 4 ranks or for buckets under "
+          "1 MiB, reduce_scatter otherwise), allgather or reduce_scatter.");
+ABSL_FLAG(double, bucket_mb, 4,
+          "Gradient bucket size in MiB: gradients are averaged in buckets of about this size, in "
+          "reverse layer order, overlapping the rest of backward.");
+ABSL_FLAG(double, comm_timeout, 120,
+          "Seconds any one collective may wait for its peers under mpirun; then the run ends with "
+          "an error naming the rank, step and operation (never a silent hang).");
+
 namespace qtrain {
 namespace {
 
-absl::Status RunTraining() {
+// Test-only knobs from the environment, read here and passed down as options:
+// QTRAIN_TEST_STALL_RANK=r QTRAIN_TEST_STALL_STEP=s makes rank r sleep at global step s.
+void ReadTestEnvironment(train::TrainerOptions* options) {
+  const char* rank = std::getenv("QTRAIN_TEST_STALL_RANK");
+  const char* step = std::getenv("QTRAIN_TEST_STALL_STEP");
+  if (rank != nullptr && step != nullptr) {
+    options->stall_rank_for_testing = std::atoi(rank);
+    options->stall_step_for_testing = std::atoll(step);
+  }
+}
+
+absl::StatusOr<comm::FeedbackChoice> ParseFeedback(const std::string& value) {
+  if (value == "auto") return comm::FeedbackChoice::kFromSpec;
+  if (value == "on") return comm::FeedbackChoice::kOn;
+  if (value == "off") return comm::FeedbackChoice::kOff;
+  return absl::InvalidArgumentError(
+      absl::StrCat("--error_feedback must be auto, on or off; got '", value, "'"));
+}
+
+// The communication flags, validated before MPI starts (so a bad flag fails every rank alike,
+// without a collective).
+struct CommConfig {
+  std::string codec;
+  comm::FeedbackChoice feedback = comm::FeedbackChoice::kFromSpec;
+  comm::MpiAlgorithm algorithm = comm::MpiAlgorithm::kAuto;
+  double bucket_mb = 4;
+  double timeout_seconds = 120;
+};
+
+absl::StatusOr<CommConfig> ReadCommFlags() {
+  CommConfig c;
+  c.codec = absl::GetFlag(FLAGS_codec);
+  ASSIGN_OR_RETURN(c.feedback, ParseFeedback(absl::GetFlag(FLAGS_error_feedback)));
+  ASSIGN_OR_RETURN(c.algorithm, comm::ParseMpiAlgorithm(absl::GetFlag(FLAGS_allreduce)));
+  c.bucket_mb = absl::GetFlag(FLAGS_bucket_mb);
+  if (!(c.bucket_mb > 0) || c.bucket_mb > 4096) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--bucket_mb must be in (0, 4096], got ", c.bucket_mb));
+  }
+  c.timeout_seconds = absl::GetFlag(FLAGS_comm_timeout);
+  if (!(c.timeout_seconds > 0) || !std::isfinite(c.timeout_seconds)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--comm_timeout must be a number of seconds > 0, got ", c.timeout_seconds));
+  }
+  if (c.codec.empty()) return absl::InvalidArgumentError("--codec must not be empty (fp32 is the default)");
+  absl::StatusOr<std::unique_ptr<comm::BucketCodec>> codec =
+      comm::BucketCodec::Create(c.codec, c.feedback);
+  if (!codec.ok()) {
+    return absl::Status(codec.status().code(),
+                        absl::StrCat("--codec: ", codec.status().message()));
+  }
+  return c;
+}
+
+absl::Status RunTraining(const CommConfig& comm_config, comm::Communicator* communicator) {
   // Flags first, so that a bad spec fails before the data is read.
   ASSIGN_OR_RETURN(quant::QuantConfig quant_config,
                    quant::MakeQuantConfig(absl::GetFlag(FLAGS_quant), absl::GetFlag(FLAGS_wq),
@@ -124,22 +200,49 @@ absl::Status RunTraining() {
   options.resume = absl::GetFlag(FLAGS_resume);
   options.seed = absl::GetFlag(FLAGS_seed);
   options.progress = absl::GetFlag(FLAGS_progress);
+  options.bucket_bytes =
+      std::max<int64_t>(1, static_cast<int64_t>(comm_config.bucket_mb * 1024 * 1024));
+  options.comm_timeout_seconds = comm_config.timeout_seconds;
+  options.comm_settings = absl::StrCat(
+      "codec=", comm_config.codec, " error_feedback=", absl::GetFlag(FLAGS_error_feedback),
+      " allreduce=", comm::MpiAlgorithmName(comm_config.algorithm), " bucket_bytes=",
+      options.bucket_bytes, " world_size=", communicator->world_size());
+  ReadTestEnvironment(&options);
   options.settings = absl::StrCat("model=", model_spec.name, " data=", absl::GetFlag(FLAGS_data),
                                   " epochs=", options.epochs, " batch_size=", options.batch_size,
                                   " lr=", options.lr.base_lr, " seed=", options.seed,
                                   " quant=", quant_config.ToString());
 
   train::ModelInfo info{model_spec.name, model_spec.input, model_spec.num_classes};
-  ASSIGN_OR_RETURN(auto trainer, train::Trainer::Create(model.get(), info, &splits,
-                                                        data::TrainAugmentation(spec), options, cpu));
+  ASSIGN_OR_RETURN(auto trainer,
+                   train::Trainer::Create(model.get(), info, &splits, data::TrainAugmentation(spec),
+                                          options, cpu, communicator));
+  if (!communicator->IsIdentity()) {
+    QTRAIN_LOG(INFO) << communicator->Describe() << "; " << trainer->Buckets().size()
+                     << " gradient buckets of up to " << comm_config.bucket_mb << " MiB";
+  }
   ASSIGN_OR_RETURN(train::TrainSummary s, trainer->Run());
+  if (communicator->rank() != 0) return absl::OkStatus();
+  std::printf("weights hash: %016llx identical on all %d ranks\n",
+              static_cast<unsigned long long>(s.weights_hash), s.ranks);
+  std::string traffic = absl::StrCat("bytes_sent=", s.bytes_sent, " (fp32 would send ",
+                                     s.fp32_bytes_sent);
+  if (s.bytes_sent > 0 && s.fp32_bytes_sent > 0) {
+    absl::StrAppendFormat(&traffic, ", ratio %.1fx", static_cast<double>(s.fp32_bytes_sent) /
+                                                         static_cast<double>(s.bytes_sent));
+  }
+  absl::StrAppend(&traffic, ")");
   std::printf(
       "summary: model=%s quant=%s data=%s epochs=%lld steps=%lld final_test_accuracy=%.2f%% "
-      "best_test_accuracy=%.2f%% test_loss=%.4f train_time=%s images_per_second=%.0f\n",
+      "best_test_accuracy=%.2f%% test_loss=%.4f train_time=%s images_per_second=%.0f ranks=%d "
+      "codec=%s %s encode=%.2fs communicate=%.2fs decode=%.2fs\n",
       model_spec.name.c_str(), quant_config.ToString().c_str(), data::DataSpecToString(spec).c_str(),
       static_cast<long long>(s.epochs_run), static_cast<long long>(s.steps),
       100 * s.final_test_accuracy, 100 * s.best_test_accuracy, s.final_test_loss,
-      absl::StrFormat("%.1fs", s.seconds).c_str(), s.images_per_second);
+      absl::StrFormat("%.1fs", s.seconds).c_str(), s.images_per_second, s.ranks,
+      comm_config.codec.c_str(), traffic.c_str(), s.encode_seconds, s.communicate_seconds,
+      s.decode_seconds);
+  std::fflush(stdout);
   return absl::OkStatus();
 }
 
@@ -155,17 +258,67 @@ int main(int argc, char** argv) {
   usage.normalize_filename = [](absl::string_view file) { return std::string(file); };
   absl::SetFlagsUsageConfig(usage);
   absl::SetProgramUsageMessage(
-      "trains a (quantized) network on its own CPU kernels.\n"
+      "trains a (quantized) network on its own CPU kernels, alone or data-parallel under mpirun.\n"
       "  qtrain [--flags]            train (defaults: cnn on Fashion-MNIST)\n"
+      "  mpirun -np 4 qtrain --codec=onebit [--flags]   4 ranks averaging 1-bit gradients\n"
       "Every flag is listed below with its default.");
   std::vector<char*> positional = absl::ParseCommandLine(argc, argv);
   if (positional.size() > 1) {
     std::fprintf(stderr, "qtrain: unexpected argument '%s' (see --help)\n", positional[1]);
     return 2;
   }
-  absl::Status status = qtrain::RunTraining();
-  if (!status.ok()) {
-    std::fprintf(stderr, "qtrain: %s\n", status.ToString().c_str());
+  absl::StatusOr<qtrain::CommConfig> config = qtrain::ReadCommFlags();
+  if (!config.ok()) {
+    std::fprintf(stderr, "qtrain: %s\n", config.status().ToString().c_str());
+    return 1;
+  }
+  if (!qtrain::comm::LaunchedByMpirun()) {
+    qtrain::comm::LocalOptions local;
+    local.codec_spec = config->codec;
+    local.error_feedback = config->feedback;
+    local.seed = absl::GetFlag(FLAGS_seed);
+    absl::StatusOr<std::unique_ptr<qtrain::comm::LocalCommunicator>> communicator =
+        qtrain::comm::LocalCommunicator::Create(local);
+    absl::Status status = communicator.ok()
+                              ? qtrain::RunTraining(*config, communicator->get())
+                              : communicator.status();
+    if (!status.ok()) {
+      std::fprintf(stderr, "qtrain: %s\n", status.ToString().c_str());
+      return 1;
+    }
+    return 0;
+  }
+
+  // Under mpirun: one MpiCommunicator; any error ends the whole job (MPI_Abort) so that no
+  // peer waits for this rank.
+  if (absl::Status s = qtrain::comm::InitMpi(&argc, &argv); !s.ok()) {
+    std::fprintf(stderr, "qtrain: %s\n", s.ToString().c_str());
+    return 1;
+  }
+  qtrain::comm::MpiOptions mpi;
+  mpi.codec_spec = config->codec;
+  mpi.error_feedback = config->feedback;
+  mpi.algorithm = config->algorithm;
+  mpi.timeout_seconds = config->timeout_seconds;
+  mpi.seed = absl::GetFlag(FLAGS_seed);
+  absl::Status status;
+  {
+    absl::StatusOr<std::unique_ptr<qtrain::comm::Communicator>> communicator =
+        qtrain::comm::CreateMpiCommunicator(mpi);
+    if (communicator.ok()) {
+      // Rank 0 speaks for the job; the others report warnings and errors only.
+      if ((*communicator)->rank() != 0) qtrain::SetMinLogSeverity(qtrain::LogSeverity::kWarning);
+      status = qtrain::RunTraining(*config, communicator->get());
+    } else {
+      status = communicator.status();
+    }
+    if (!status.ok()) {
+      std::fprintf(stderr, "qtrain: %s\n", status.ToString().c_str());
+      qtrain::comm::AbortMpi(1);
+    }
+  }  // the communicator is freed before MPI_Finalize
+  if (absl::Status s = qtrain::comm::FinalizeMpi(); !s.ok()) {
+    std::fprintf(stderr, "qtrain: %s\n", s.ToString().c_str());
     return 1;
   }
   return 0;

@@ -64,6 +64,10 @@ class Communicator {
   // Records the training step for error messages (a timeout names it). Costs nothing.
   virtual void SetStep(int64_t step) = 0;
 
+  // True when AllReduceMean leaves `data` unchanged and exchanges nothing (one process without a
+  // codec): callers may skip it, and its bucketing, altogether.
+  virtual bool IsIdentity() const { return false; }
+
   // Averages `data` (this rank's gradients of bucket `key`) across ranks, in place. All ranks pass
   // the same key and size; the key must be non-empty. A compressing adapter encodes data plus the
   // key's residual, keeps what the codec dropped in the residual, and leaves the average of all

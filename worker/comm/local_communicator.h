@@ -44,6 +44,8 @@ class LocalCommunicator final : public Communicator {
   int world_size() const override { return 1; }
   std::string Describe() const override;
   void SetStep(int64_t step) override { step_ = step; }
+  // True without a codec (spec "" or "fp32").
+  bool IsIdentity() const override { return codec_ == nullptr; }
 
   absl::Status AllReduceMean(std::string_view key, std::span<float> data,
                              StepStats* stats) override;

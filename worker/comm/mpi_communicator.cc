@@ -8,6 +8,7 @@
 #include <chrono>
 #include <climits>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <limits>
 #include <thread>
@@ -853,6 +854,17 @@ absl::Status FinalizeMpi() {
   const int rc = MPI_Finalize();
   if (rc != MPI_SUCCESS) return MpiErrorToStatus(rc, "MPI_Finalize");
   return absl::OkStatus();
+}
+
+void AbortMpi(int code) {
+  std::fflush(stdout);
+  std::fflush(stderr);
+  int initialized = 0;
+  int finalized = 0;
+  MPI_Initialized(&initialized);
+  MPI_Finalized(&finalized);
+  if (initialized && !finalized) MPI_Abort(MPI_COMM_WORLD, code);
+  std::_Exit(code);
 }
 
 bool LaunchedByMpirun() {

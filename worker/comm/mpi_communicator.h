@@ -160,6 +160,10 @@ absl::StatusOr<std::unique_ptr<Communicator>> CreateMpiCommunicator(const MpiOpt
 absl::Status InitMpi(int* argc, char*** argv);
 // MPI_Finalize if initialized and not yet finalized. Destroy every MpiCommunicator first.
 absl::Status FinalizeMpi();
+// Ends the whole MPI job: MPI_Abort(MPI_COMM_WORLD, code), which makes the launcher kill every
+// rank (so no peer waits for this one), then _Exit(code) should MPI_Abort return. Without an
+// initialized MPI it is just _Exit(code). For main.cc after a fatal error: never returns.
+[[noreturn]] void AbortMpi(int code);
 // True when the environment shows an MPI launcher (Open MPI's OMPI_COMM_WORLD_SIZE, or PMI_SIZE /
 // PMI_RANK / PMIX_RANK of MPICH, Slurm and PMIx launchers). main.cc uses it to choose between
 // MpiCommunicator and LocalCommunicator without calling MPI_Init in a plain run.

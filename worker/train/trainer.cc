@@ -1,8 +1,11 @@
 #include "worker/train/trainer.h"
 
+#include <chrono>
 #include <cmath>
+#include <cstring>
 #include <filesystem>
 #include <random>
+#include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -20,6 +23,22 @@ namespace qtrain::train {
 namespace {
 
 constexpr char kCheckpointFile[] = "checkpoint.qtrn";
+
+// 64-bit FNV-1a over raw bytes.
+constexpr uint64_t kFnvOffset = 14695981039346656037ull;
+constexpr uint64_t kFnvPrime = 1099511628211ull;
+uint64_t Fnv1a(uint64_t h, const void* data, size_t size) {
+  const auto* p = static_cast<const unsigned char*>(data);
+  for (size_t i = 0; i < size; ++i) h = (h ^ p[i]) * kFnvPrime;
+  return h;
+}
+
+std::string FormatBytes(double bytes) {
+  if (bytes >= 1e9) return absl::StrFormat("%.2fGB", bytes / 1e9);
+  if (bytes >= 1e6) return absl::StrFormat("%.1fMB", bytes / 1e6);
+  if (bytes >= 1e3) return absl::StrFormat("%.1fkB", bytes / 1e3);
+  return absl::StrFormat("%.0fB", bytes);
+}
 
 // Seeds derived from the run seed, one stream per purpose and epoch.
 uint64_t DeriveSeed(uint64_t seed, uint64_t purpose, uint64_t epoch) {
@@ -46,9 +65,13 @@ absl::Status ValidateTrainerOptions(const TrainerOptions& o) {
   if (o.resume && o.checkpoint_dir.empty()) {
     return absl::InvalidArgumentError("--resume needs --checkpoint_dir");
   }
-  if (o.world_size < 1 || o.rank < 0 || o.rank >= o.world_size) {
+  if (o.bucket_bytes < 1) {
     return absl::InvalidArgumentError(
-        absl::StrCat("rank ", o.rank, " is not in [0, world size ", o.world_size, ")"));
+        absl::StrCat("--bucket_mb must be > 0 (bucket of ", o.bucket_bytes, " bytes)"));
+  }
+  if (!(o.comm_timeout_seconds > 0) || !std::isfinite(o.comm_timeout_seconds)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--comm_timeout must be a number of seconds > 0, got ", o.comm_timeout_seconds));
   }
   return ValidateSgdOptions(o.sgd);
 }
@@ -57,7 +80,9 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(nn::Layer* model, Model
                                                         const data::DataSplits* data,
                                                         const data::AugmentOptions& augment,
                                                         const TrainerOptions& options,
-                                                        kernels::CpuContext cpu) {
+                                                        kernels::CpuContext cpu,
+                                                        comm::Communicator* comm) {
+  if (comm == nullptr) return absl::InvalidArgumentError("Trainer::Create: null communicator");
   RETURN_IF_ERROR(ValidateTrainerOptions(options));
   if (data->train.size() == 0 || data->test.size() == 0) {
     return absl::InvalidArgumentError("the data set has an empty train or test split");
@@ -80,7 +105,107 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(nn::Layer* model, Model
   model->CollectParameters(&t->params_);
   model->CollectBuffers(&t->buffers_);
   t->sgd_ = std::make_unique<Sgd>(t->params_, options.sgd);
+  t->comm_ = comm;
+  t->rank_ = comm->rank();
+  t->world_size_ = comm->world_size();
+  if (t->rank_ != 0) t->options_.progress = false;
+  if (!comm->IsIdentity()) {
+    BucketOptions bucket_options;
+    bucket_options.bucket_bytes = options.bucket_bytes;
+    ASSIGN_OR_RETURN(std::vector<GradientBucket> plan,
+                     PlanGradientBuckets(t->params_, options.bucket_bytes));
+    bucket_options.wait_timeout_seconds =
+        options.comm_timeout_seconds * static_cast<double>(plan.size() + 1);
+    ASSIGN_OR_RETURN(t->bucketer_, GradientBucketer::Create(t->params_, comm, bucket_options));
+    GradientBucketer* bucketer = t->bucketer_.get();
+    t->ctx_.on_grads_ready = [bucketer](std::span<nn::Parameter* const> ready) {
+      bucketer->OnGradsReady(ready);
+    };
+  }
   return t;
+}
+
+std::vector<GradientBucket> Trainer::Buckets() const {
+  if (bucketer_ == nullptr) return {};
+  return bucketer_->buckets();
+}
+
+absl::Status Trainer::RankError(const absl::Status& status, int64_t step) const {
+  if (status.ok()) return status;
+  return absl::Status(status.code(), absl::StrCat("rank ", rank_, " of ", world_size_,
+                                                  " at step ", step, ": ", status.message()));
+}
+
+std::string Trainer::ResidualPath() const {
+  return (std::filesystem::path(options_.checkpoint_dir) /
+          absl::StrCat("checkpoint.rank", rank_, ".qtrn"))
+      .string();
+}
+
+absl::Status Trainer::SyncInitialState(int64_t epoch, int64_t step) {
+  if (world_size_ == 1) return absl::OkStatus();
+  // The same progress everywhere (a checkpoint directory that is not shared would break this).
+  for (auto [what, value] : {std::pair<const char*, int64_t>{"epoch", epoch}, {"step", step}}) {
+    ASSIGN_OR_RETURN(std::vector<uint64_t> all, comm_->AllGatherU64(static_cast<uint64_t>(value)));
+    for (int r = 1; r < world_size_; ++r) {
+      if (all[r] != all[0]) {
+        return absl::FailedPreconditionError(absl::StrCat(
+            "rank ", r, " starts at ", what, " ", static_cast<int64_t>(all[r]), " but rank 0 at ",
+            static_cast<int64_t>(all[0]),
+            ": every rank must read the same checkpoint (share --checkpoint_dir)"));
+      }
+    }
+  }
+  std::vector<float> flat;
+  auto append = [&flat](const nn::Tensor& t) { flat.insert(flat.end(), t.data(), t.data() + t.size()); };
+  for (const nn::Parameter* p : params_) append(p->value);
+  for (const nn::Buffer* b : buffers_) append(b->value);
+  for (const nn::Tensor& m : sgd_->momentum()) append(m);
+  RETURN_IF_ERROR(comm_->Broadcast(flat, 0));
+  size_t at = 0;
+  auto extract = [&flat, &at](nn::Tensor& t) {
+    std::copy(flat.begin() + at, flat.begin() + at + t.size(), t.data());
+    at += t.size();
+  };
+  for (nn::Parameter* p : params_) extract(p->value);
+  for (nn::Buffer* b : buffers_) extract(b->value);
+  for (nn::Tensor& m : sgd_->momentum()) extract(m);
+  return absl::OkStatus();
+}
+
+absl::Status Trainer::AverageBuffers() {
+  if (world_size_ == 1 || buffers_.empty()) return absl::OkStatus();
+  std::vector<double> sums;
+  for (const nn::Buffer* b : buffers_) sums.insert(sums.end(), b->value.data(), b->value.data() + b->value.size());
+  RETURN_IF_ERROR(comm_->AllReduceSum(sums));
+  size_t at = 0;
+  for (nn::Buffer* b : buffers_) {
+    float* v = b->value.data();
+    for (int64_t i = 0; i < b->value.size(); ++i) {
+      v[i] = static_cast<float>(sums[at++] / world_size_);
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<uint64_t> Trainer::CheckWeightsIdentical() {
+  uint64_t h = kFnvOffset;
+  for (const nn::Parameter* p : params_) h = Fnv1a(h, p->value.data(), 4 * p->value.size());
+  for (const nn::Buffer* b : buffers_) h = Fnv1a(h, b->value.data(), 4 * b->value.size());
+  ASSIGN_OR_RETURN(std::vector<uint64_t> all, comm_->AllGatherU64(h));
+  std::string differ;
+  for (int r = 1; r < static_cast<int>(all.size()); ++r) {
+    if (all[r] != all[0]) {
+      absl::StrAppend(&differ, differ.empty() ? "" : ", ", "rank ", r, " (",
+                      absl::StrFormat("%016x", all[r]), ")");
+    }
+  }
+  if (!differ.empty()) {
+    return absl::InternalError(absl::StrCat(
+        "weights differ across ranks after training: rank 0 has hash ",
+        absl::StrFormat("%016x", all[0]), "; differing: ", differ));
+  }
+  return h;
 }
 
 std::string Trainer::CheckpointPath() const {
@@ -88,13 +213,36 @@ std::string Trainer::CheckpointPath() const {
 }
 
 absl::Status Trainer::SaveCheckpoint(int64_t next_epoch, int64_t step, double best) {
-  if (options_.checkpoint_dir.empty() || options_.rank != 0) return absl::OkStatus();
+  if (options_.checkpoint_dir.empty()) return absl::OkStatus();
+  const std::vector<std::string> residual_keys = comm_->ResidualKeys();
+  if (rank_ != 0 && residual_keys.empty()) return absl::OkStatus();
   std::error_code ec;
   std::filesystem::create_directories(options_.checkpoint_dir, ec);
   if (ec) {
     return absl::UnavailableError(
         absl::StrCat("cannot create --checkpoint_dir ", options_.checkpoint_dir, ": ", ec.message()));
   }
+  if (!residual_keys.empty()) {
+    // This rank's error-feedback residuals, first: a crash between the two files leaves a
+    // sidecar whose step does not match the checkpoint, which resume detects.
+    pb::Checkpoint side;
+    side.set_model(info_.name);
+    side.mutable_input_shape()->Assign(info_.input.begin(), info_.input.end());
+    side.set_num_classes(info_.num_classes);
+    side.set_epoch(next_epoch);
+    side.set_step(step);
+    side.set_seed(options_.seed);
+    side.set_settings(options_.comm_settings);
+    for (const std::string& key : residual_keys) {
+      std::span<const float> r = comm_->Residual(key);
+      pb::NamedTensor* t = side.add_residuals();
+      t->set_name(key);
+      t->add_shape(static_cast<int64_t>(r.size()));
+      t->mutable_values()->Assign(r.begin(), r.end());
+    }
+    RETURN_IF_ERROR(WriteCheckpointFile(ResidualPath(), side));
+  }
+  if (rank_ != 0) return absl::OkStatus();
   pb::Checkpoint ckpt;
   ckpt.set_model(info_.name);
   ckpt.mutable_input_shape()->Assign(info_.input.begin(), info_.input.end());
@@ -135,12 +283,47 @@ absl::Status Trainer::MaybeResume(int64_t* epoch, int64_t* step, double* best) {
   *step = ckpt.step();
   *best = ckpt.best_test_accuracy();
   QTRAIN_LOG(INFO) << "resumed from " << path << " at epoch " << *epoch << ", step " << *step;
+  MaybeRestoreResiduals(*epoch, *step);
   return absl::OkStatus();
+}
+
+void Trainer::MaybeRestoreResiduals(int64_t epoch, int64_t step) {
+  const std::string path = ResidualPath();
+  if (!std::filesystem::exists(path)) return;  // nothing saved: no error feedback then
+  absl::StatusOr<pb::Checkpoint> side = ReadCheckpointFile(path);
+  std::string why;
+  if (!side.ok()) {
+    why = std::string(side.status().message());
+  } else if (side->epoch() != epoch || side->step() != step) {
+    why = absl::StrCat("it is from epoch ", side->epoch(), " step ", side->step(),
+                       ", the checkpoint from epoch ", epoch, " step ", step);
+  } else if (side->settings() != options_.comm_settings) {
+    why = absl::StrCat("it was written with '", side->settings(), "', this run uses '",
+                       options_.comm_settings, "'");
+  } else {
+    for (const pb::NamedTensor& t : side->residuals()) {
+      std::vector<float> values(t.values().begin(), t.values().end());
+      if (absl::Status s = comm_->SetResidual(t.name(), values); !s.ok()) {
+        why = std::string(s.message());
+        break;
+      }
+    }
+    if (why.empty()) {
+      QTRAIN_LOG(INFO) << "rank " << rank_ << ": restored " << side->residuals_size()
+                       << " error-feedback residuals from " << path;
+      return;
+    }
+  }
+  QTRAIN_LOG(WARNING) << "rank " << rank_ << ": not restoring error-feedback residuals from "
+                      << path << " (" << why << "); they start at zero";
 }
 
 absl::StatusOr<EvalResult> Trainer::Evaluate(const data::Dataset& dataset) {
   ctx_.mode = nn::Mode::kEval;
   const int64_t n = dataset.size();
+  // This rank's contiguous shard.
+  const int64_t first = n * rank_ / world_size_;
+  const int64_t end = n * (rank_ + 1) / world_size_;
   const int64_t bs = options_.eval_batch_size;
   nn::Tensor x, logits;
   std::vector<int32_t> labels;
@@ -148,8 +331,8 @@ absl::StatusOr<EvalResult> Trainer::Evaluate(const data::Dataset& dataset) {
   EvalResult result;
   double loss_sum = 0;
   int64_t correct = 0;
-  for (int64_t begin = 0; begin < n; begin += bs) {
-    const int64_t m = std::min(bs, n - begin);
+  for (int64_t begin = first; begin < end; begin += bs) {
+    const int64_t m = std::min(bs, end - begin);
     idx.resize(static_cast<size_t>(m));
     for (int64_t i = 0; i < m; ++i) idx[static_cast<size_t>(i)] = begin + i;
     x.Resize({m, dataset.channels, dataset.height, dataset.width});
@@ -161,6 +344,12 @@ absl::StatusOr<EvalResult> Trainer::Evaluate(const data::Dataset& dataset) {
     loss_sum += r.mean_loss * static_cast<double>(m);
     correct += r.correct;
   }
+  if (world_size_ > 1) {
+    double sums[2] = {loss_sum, static_cast<double>(correct)};
+    RETURN_IF_ERROR(comm_->AllReduceSum(sums));
+    loss_sum = sums[0];
+    correct = static_cast<int64_t>(sums[1]);
+  }
   result.examples = n;
   result.loss = loss_sum / static_cast<double>(n);
   result.accuracy = static_cast<double>(correct) / static_cast<double>(n);
@@ -171,12 +360,14 @@ absl::StatusOr<TrainSummary> Trainer::Run() {
   const data::Dataset& train = data_->train;
   ASSIGN_OR_RETURN(LrSchedule schedule, LrSchedule::Create(options_.lr));
   ASSIGN_OR_RETURN(data::ShardedSampler sampler,
-                   data::ShardedSampler::Create(train.size(), options_.rank, options_.world_size,
-                                                options_.seed));
-  ASSIGN_OR_RETURN(MetricsLog metrics, MetricsLog::Open(options_.metrics_path));
+                   data::ShardedSampler::Create(train.size(), rank_, world_size_, options_.seed));
+  ASSIGN_OR_RETURN(MetricsLog metrics,
+                   MetricsLog::Open(rank_ == 0 ? options_.metrics_path : std::string()));
   int64_t start_epoch = 0, step = 0;
   double best = 0;
   RETURN_IF_ERROR(MaybeResume(&start_epoch, &step, &best));
+  comm_->SetStep(step);
+  RETURN_IF_ERROR(RankError(SyncInitialState(start_epoch, step), step));
 
   int64_t steps_per_epoch = sampler.BatchesPerEpoch(options_.batch_size);
   if (options_.max_steps_per_epoch > 0) {
@@ -187,13 +378,17 @@ absl::StatusOr<TrainSummary> Trainer::Run() {
                                                    " examples) gives no batch of size ",
                                                    options_.batch_size));
   }
+  int64_t param_elements = 0;
+  for (const nn::Parameter* p : params_) param_elements += p->value.size();
   ProgressLine progress(options_.progress);
   TrainSummary summary;
+  summary.ranks = world_size_;
   summary.best_test_accuracy = best;
   nn::Tensor x, logits, dlogits;
   std::vector<int32_t> labels;
   double train_seconds = 0;
   int64_t train_images = 0;
+  comm::StepStats run_stats;
   const int64_t total_steps = options_.epochs * steps_per_epoch;
 
   for (int64_t epoch = start_epoch; epoch < options_.epochs; ++epoch) {
@@ -202,9 +397,18 @@ absl::StatusOr<TrainSummary> Trainer::Run() {
     std::mt19937_64 augment_rng(DeriveSeed(options_.seed, 1, static_cast<uint64_t>(epoch)));
     double loss_sum = 0, window_loss = 0;
     int64_t correct_sum = 0, seen = 0, window_correct = 0, window_seen = 0;
-    double window_seconds = 0;
+    double window_seconds = 0, window_compute = 0;
+    comm::StepStats epoch_stats, window_stats;
+    double epoch_compute = 0;
+    int64_t epoch_steps = 0;
     Timer log_timer;
     for (int64_t b = 0; b < steps_per_epoch; ++b) {
+      if (rank_ == options_.stall_rank_for_testing && step == options_.stall_step_for_testing) {
+        std::fprintf(stderr, "qtrain: rank %d stalling at step %lld for %.0f s (test only)\n",
+                     rank_, static_cast<long long>(step), options_.stall_seconds_for_testing);
+        std::this_thread::sleep_for(
+            std::chrono::duration<double>(options_.stall_seconds_for_testing));
+      }
       Timer step_timer;
       auto batch = data::ShardedSampler::BatchOf(indices, b, options_.batch_size);
       const int64_t m = static_cast<int64_t>(batch.size());
@@ -224,13 +428,24 @@ absl::StatusOr<TrainSummary> Trainer::Run() {
         progress.Finish();
         return absl::FailedPreconditionError(absl::StrCat(
             "training diverged: loss is ", r.mean_loss, " at epoch ", epoch, " step ", step,
-            " (learning rate ", lr, "); try a smaller --lr or a warm-up"));
+            " on rank ", rank_, " (learning rate ", lr, "); try a smaller --lr or a warm-up"));
       }
+      comm::StepStats step_stats;
+      double wait_seconds = 0;
+      if (bucketer_ != nullptr) bucketer_->BeginStep(step);
       model_->Backward(ctx_, dlogits, nullptr);
+      if (bucketer_ != nullptr) {
+        absl::Status s = bucketer_->FinishStep(&step_stats, &wait_seconds);
+        if (!s.ok()) {
+          progress.Finish();
+          return RankError(s, step);
+        }
+      }
       sgd_->Step(ctx_.cpu, lr);
       ++step;
 
       const double step_seconds = step_timer.Seconds();
+      const double compute_seconds = std::max(0.0, step_seconds - wait_seconds);
       train_seconds += step_seconds;
       train_images += m;
       loss_sum += r.mean_loss * m;
@@ -240,6 +455,11 @@ absl::StatusOr<TrainSummary> Trainer::Run() {
       window_correct += r.correct;
       window_seen += m;
       window_seconds += step_seconds;
+      window_compute += compute_seconds;
+      window_stats += step_stats;
+      epoch_stats += step_stats;
+      epoch_compute += compute_seconds;
+      ++epoch_steps;
 
       const bool last = b + 1 == steps_per_epoch;
       if ((step % options_.log_every) == 0 || last) {
@@ -250,26 +470,56 @@ absl::StatusOr<TrainSummary> Trainer::Run() {
         sm.accuracy = static_cast<double>(window_correct) / window_seen;
         sm.lr = lr;
         sm.images_per_second = window_seen / std::max(window_seconds, 1e-9);
-        sm.seconds_compute = window_seconds;
+        sm.seconds_compute = window_compute;
+        sm.seconds_encode = window_stats.encode_seconds;
+        sm.seconds_communicate = window_stats.communicate_seconds;
+        sm.seconds_decode = window_stats.decode_seconds;
+        sm.bytes_sent = window_stats.bytes_sent;
+        sm.bytes_received = window_stats.bytes_received;
         RETURN_IF_ERROR(metrics.Write(sm));
         window_loss = 0;
         window_correct = window_seen = 0;
-        window_seconds = 0;
+        window_seconds = window_compute = 0;
+        window_stats = comm::StepStats();
       }
-      if (log_timer.Seconds() > 0.5 || last) {
+      if (options_.progress && (log_timer.Seconds() > 0.5 || last)) {
         log_timer.Reset();
         const double rate = train_images / std::max(train_seconds, 1e-9);
         const int64_t steps_left = total_steps - (epoch * steps_per_epoch + b + 1);
         const double eta = steps_left * (train_seconds / std::max<int64_t>(1, train_images)) *
                            options_.batch_size;
-        progress.Update(absl::StrFormat(
+        std::string line = absl::StrFormat(
             "epoch %d/%d  step %d/%d  loss %.4f  acc %.2f%%  lr %.4g  %.0f img/s  ETA %s",
             epoch + 1, options_.epochs, b + 1, steps_per_epoch, loss_sum / seen,
-            100.0 * correct_sum / seen, lr, rate, FormatDuration(eta)));
+            100.0 * correct_sum / seen, lr, rate, FormatDuration(eta));
+        if (bucketer_ != nullptr) {
+          // Per-step means over the epoch so far.
+          const double k = 1000.0 / static_cast<double>(epoch_steps);
+          absl::StrAppendFormat(
+              &line, "  | ms/step compute %.1f enc %.1f comm %.1f dec %.1f | sent %s recv %s /step",
+              epoch_compute * k, epoch_stats.encode_seconds * k,
+              epoch_stats.communicate_seconds * k, epoch_stats.decode_seconds * k,
+              FormatBytes(static_cast<double>(epoch_stats.bytes_sent) / epoch_steps),
+              FormatBytes(static_cast<double>(epoch_stats.bytes_received) / epoch_steps));
+        }
+        progress.Update(line);
       }
     }
     progress.Finish();
-    ASSIGN_OR_RETURN(EvalResult test, Evaluate(data_->test));
+    run_stats += epoch_stats;
+    comm_->SetStep(step);
+    // Every rank's running statistics and train sums (the communication thread is idle here).
+    RETURN_IF_ERROR(RankError(AverageBuffers(), step));
+    if (world_size_ > 1) {
+      double sums[3] = {loss_sum, static_cast<double>(correct_sum), static_cast<double>(seen)};
+      RETURN_IF_ERROR(RankError(comm_->AllReduceSum(sums), step));
+      loss_sum = sums[0];
+      correct_sum = static_cast<int64_t>(sums[1]);
+      seen = static_cast<int64_t>(sums[2]);
+    }
+    absl::StatusOr<EvalResult> evaluated = Evaluate(data_->test);
+    if (!evaluated.ok()) return RankError(evaluated.status(), step);
+    const EvalResult& test = *evaluated;
     best = std::max(best, test.accuracy);
     EpochMetrics em;
     em.epoch = epoch;
@@ -297,15 +547,29 @@ absl::StatusOr<TrainSummary> Trainer::Run() {
       RETURN_IF_ERROR(SaveCheckpoint(epoch + 1, step, best));
     }
   }
+  comm_->SetStep(step);
   if (summary.epochs_run == 0) {
     // Resumed from a finished run: report the restored model's accuracy.
-    ASSIGN_OR_RETURN(EvalResult test, Evaluate(data_->test));
-    summary.final_test_accuracy = test.accuracy;
-    summary.final_test_loss = test.loss;
+    absl::StatusOr<EvalResult> evaluated = Evaluate(data_->test);
+    if (!evaluated.ok()) return RankError(evaluated.status(), step);
+    summary.final_test_accuracy = evaluated->accuracy;
+    summary.final_test_loss = evaluated->loss;
   }
+  absl::StatusOr<uint64_t> hash = CheckWeightsIdentical();
+  if (!hash.ok()) return RankError(hash.status(), step);
+  summary.weights_hash = *hash;
   summary.steps = step;
   summary.seconds = train_seconds;
-  summary.images_per_second = train_images / std::max(train_seconds, 1e-9);
+  summary.images_per_second =
+      static_cast<double>(train_images) * world_size_ / std::max(train_seconds, 1e-9);
+  summary.bytes_sent = run_stats.bytes_sent;
+  summary.bytes_received = run_stats.bytes_received;
+  summary.encode_seconds = run_stats.encode_seconds;
+  summary.communicate_seconds = run_stats.communicate_seconds;
+  summary.decode_seconds = run_stats.decode_seconds;
+  const int64_t steps_run = summary.epochs_run * steps_per_epoch;
+  summary.fp32_bytes_sent =
+      world_size_ > 1 ? static_cast<uint64_t>(4 * param_elements * steps_run) : 0;
   return summary;
 }
 

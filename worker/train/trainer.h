@@ -1,12 +1,47 @@
 // The training loop: epochs of shuffled (sharded) mini-batches, forward, softmax cross-entropy,
-// backward, SGD; evaluation on the test split after every epoch; a progress line, a JSON-lines
-// metrics file, periodic checkpoints and resumption; a summary at the end.
+// backward, gradient averaging across data-parallel ranks, SGD; evaluation on the test split
+// after every epoch; a progress line, a JSON-lines metrics file, periodic checkpoints and
+// resumption; a summary at the end.
 //
-// Reproducible: the same seed, flags and thread count give the same weights on the same
-// machine (sampler, augmentation and initialization are all seeded; kernels split work
-// deterministically).
+// Data parallelism. The trainer runs the same on every rank of its Communicator (rank and world
+// size come from it). Each rank trains on its own shard (data::ShardedSampler). During Backward
+// the gradients are bucketed in reverse layer order and averaged on a communication thread
+// (worker/train/gradient_buckets.h) that overlaps the rest of backward; the SGD step waits for
+// the mean. Every parameter is averaged, quantizer parameters (ParamKind::kQuantizer) included.
+// With a communicator whose AllReduceMean is the identity (Communicator::IsIdentity: one process,
+// no codec) nothing is bucketed and a step costs nothing extra.
+//   - Start (and after --resume): rank 0's parameters, buffers and momentum are broadcast to
+//     every rank, so all start from the same bits even if their initializations differed, and
+//     the ranks check that they resumed at the same epoch and step.
+//   - Batch-norm running statistics (buffers) are not gradients: each rank's follow its own
+//     shard. At each epoch end, before evaluation and checkpointing, they are averaged across
+//     ranks (exactly, in double, through AllReduceSum), so every rank evaluates and saves the
+//     same model.
+//   - Evaluation: rank r evaluates the contiguous shard [r*n/W, (r+1)*n/W) of the test set and
+//     the loss and correct sums are all-reduced, so every rank reports the same test accuracy.
+//     The epoch's train loss and accuracy are summed over all ranks the same way.
+//   - Rank 0 alone shows progress, writes metrics and the checkpoint; every rank reads the
+//     checkpoint on --resume. Each rank writes its communicator's error-feedback residuals (if
+//     any) to its own sidecar, checkpoint.rank<r>.qtrn (same framing as checkpoint.qtrn: a
+//     pb::Checkpoint holding only identification, progress and residuals, settings =
+//     TrainerOptions::comm_settings). On resume a rank restores its residuals only if its
+//     sidecar's epoch and step equal the checkpoint's and its settings equal this run's comm
+//     settings; otherwise it logs a warning and its residuals start at zero (error feedback then
+//     merely restarts; the run stays correct).
+//   - End: every rank hashes its parameters and buffers (64-bit FNV-1a over the raw float bytes,
+//     in CollectParameters / CollectBuffers order) and the hashes are all-gathered; ranks that
+//     differ from rank 0 make Run fail with INTERNAL naming them.
+// A failing collective (a stalled or dead peer: DEADLINE_EXCEEDED, UNAVAILABLE, ...) makes Run
+// return that error, prefixed with this rank and the step; the caller must then abort the job
+// (under MPI, comm::AbortMpi) so the other ranks do not wait.
 //
-// Thread-safety: a Trainer is driven by one thread; kernels use the pool in its CpuContext.
+// Reproducible: the same seed, flags, thread count and rank count give the same weights on the
+// same machine (sampler, augmentation and initialization are all seeded; kernels split work
+// deterministically; the communicators give every rank the same bits).
+//
+// Thread-safety: a Trainer is driven by one thread; kernels use the pool in its CpuContext; the
+// communicator is used by the bucketer's thread during a step and by the trainer's thread
+// between steps, never by both at once.
 #ifndef QTRAIN_WORKER_TRAIN_TRAINER_H_
 #define QTRAIN_WORKER_TRAIN_TRAINER_H_
 
@@ -16,11 +51,13 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "worker/comm/communicator.h"
 #include "worker/data/augment.h"
 #include "worker/data/dataset.h"
 #include "worker/kernels/cpu/cpu_context.h"
 #include "worker/nn/layer.h"
 #include "worker/train/lr_schedule.h"
+#include "worker/train/gradient_buckets.h"
 #include "worker/train/optimizer.h"
 
 namespace qtrain::train {
@@ -42,8 +79,19 @@ struct TrainerOptions {
   uint64_t seed = 1;
   bool progress = true;         // the progress line on stderr
   std::string settings;         // recorded in checkpoints, for humans
-  int rank = 0;                 // this worker's rank and the worker count (data sharding)
-  int world_size = 1;
+  // Gradient bucket size in bytes of fp32 (> 0; default 4 MiB).
+  int64_t bucket_bytes = int64_t{4} << 20;
+  // The communicator's per-call timeout in seconds (> 0): the trainer waits for a step's gradient
+  // averaging at most (buckets + 1) times this before it gives up.
+  double comm_timeout_seconds = 120.0;
+  // The communication settings that shape the residuals (codec, error feedback, algorithm, bucket
+  // size, world size), recorded in the per-rank residual sidecars and compared on resume.
+  std::string comm_settings;
+  // Test only: rank `stall_rank_for_testing` sleeps `stall_seconds_for_testing` seconds at the
+  // start of global step `stall_step_for_testing` (0-based), to exercise the peers' timeouts.
+  int stall_rank_for_testing = -1;
+  int64_t stall_step_for_testing = -1;
+  double stall_seconds_for_testing = 3600.0;
 };
 
 absl::Status ValidateTrainerOptions(const TrainerOptions& options);
@@ -66,29 +114,56 @@ struct TrainSummary {
   double final_test_accuracy = 0;
   double final_test_loss = 0;
   double best_test_accuracy = 0;
-  double seconds = 0;
-  double images_per_second = 0;  // training images per second of training time
+  double seconds = 0;             // rank 0's training time (steps, without evaluation)
+  double images_per_second = 0;   // training images of all ranks per second of training time
+  int ranks = 1;
+  uint64_t weights_hash = 0;      // FNV-1a of parameters and buffers, identical on all ranks
+  // This rank's gradient traffic over the run (comm::StepStats), and what the fp32 allreduce
+  // would have sent (4 bytes per parameter per step; 0 in a one-process run).
+  uint64_t bytes_sent = 0;
+  uint64_t bytes_received = 0;
+  uint64_t fp32_bytes_sent = 0;
+  double encode_seconds = 0;
+  double communicate_seconds = 0;
+  double decode_seconds = 0;
 };
 
 class Trainer {
  public:
-  // `model` and `data` must outlive the trainer.
+  // `model`, `data` and `comm` must outlive the trainer; `comm` is not null.
   static absl::StatusOr<std::unique_ptr<Trainer>> Create(nn::Layer* model, ModelInfo info,
                                                          const data::DataSplits* data,
                                                          const data::AugmentOptions& augment,
                                                          const TrainerOptions& options,
-                                                         kernels::CpuContext cpu);
+                                                         kernels::CpuContext cpu,
+                                                         comm::Communicator* comm);
 
+  // Collective: every rank calls it.
   absl::StatusOr<TrainSummary> Run();
+  // Collective: every rank evaluates its shard of `dataset`; all get the totals.
   absl::StatusOr<EvalResult> Evaluate(const data::Dataset& dataset);
 
-  // Checkpoint file inside checkpoint_dir.
+  // Checkpoint file inside checkpoint_dir, and this rank's residual sidecar.
   std::string CheckpointPath() const;
+  std::string ResidualPath() const;
+
+  int rank() const { return rank_; }
+  int world_size() const { return world_size_; }
+  // The bucket plan (empty when nothing is bucketed).
+  std::vector<GradientBucket> Buckets() const;
 
  private:
   Trainer() = default;
   absl::Status SaveCheckpoint(int64_t next_epoch, int64_t step, double best);
   absl::Status MaybeResume(int64_t* epoch, int64_t* step, double* best);
+  // Restores this rank's residuals from its sidecar if it matches (see the file comment).
+  void MaybeRestoreResiduals(int64_t epoch, int64_t step);
+  // Rank 0's parameters, buffers and momentum to every rank; checks all agree on the progress.
+  absl::Status SyncInitialState(int64_t epoch, int64_t step);
+  absl::Status AverageBuffers();
+  absl::StatusOr<uint64_t> CheckWeightsIdentical();
+  // Prefixes a collective's error with this rank and the step.
+  absl::Status RankError(const absl::Status& status, int64_t step) const;
 
   nn::Layer* model_ = nullptr;
   ModelInfo info_;
@@ -99,6 +174,10 @@ class Trainer {
   std::vector<nn::Parameter*> params_;
   std::vector<nn::Buffer*> buffers_;
   std::unique_ptr<Sgd> sgd_;
+  comm::Communicator* comm_ = nullptr;
+  int rank_ = 0;
+  int world_size_ = 1;
+  std::unique_ptr<GradientBucketer> bucketer_;  // null when the communicator is the identity
 };
 
 }  // namespace qtrain::train

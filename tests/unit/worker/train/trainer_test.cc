@@ -7,6 +7,7 @@
 #include "common/testing/status_matchers.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "worker/comm/local_communicator.h"
 #include "worker/data/data_spec.h"
 #include "worker/data/load_dataset.h"
 #include "worker/nn/model.h"
@@ -45,8 +46,10 @@ class TrainerTest : public ::testing::Test {
     run.model = std::move(*model);
     options.progress = false;
     kernels::CpuContext cpu;  // single-threaded: bit-reproducible
+    auto comm = comm::LocalCommunicator::Create({});
+    EXPECT_THAT(comm, IsOk());
     auto trainer = Trainer::Create(run.model.get(), ModelInfo{model_name, {1, 8, 8}, 4}, &data_,
-                                   data::AugmentOptions{}, options, cpu);
+                                   data::AugmentOptions{}, options, cpu, comm->get());
     if (!trainer.ok()) {  // some tests expect this
       run.summary = trainer.status();
       return run;
