@@ -17,23 +17,43 @@
 #include "worker/kernels/cpu/thread_pool.h"
 #include "worker/nn/loss.h"
 #include "worker/nn/model.h"
+#include "worker/quant/quant_factory.h"
 #include "worker/train/optimizer.h"
 
 namespace qtrain::nn {
 namespace {
 
 const char* const kModels[] = {"mlp", "cnn", "resnet20"};
+// --quant specs (quant::ParseQuantSpec) or --wq/--aq pairs separated by a space.
+const char* const kQuant[] = {"none", "sawb:bits=2 pact:bits=2", "dorefa:w=2,a=2", "qil:w=2,a=2",
+                              "binary none"};
+
+absl::StatusOr<quant::QuantConfig> QuantFor(int index) {
+  const std::string spec = kQuant[index];
+  const size_t space = spec.find(' ');
+  if (space == std::string::npos) return quant::MakeQuantConfig(spec, "none", "none", true, true);
+  return quant::MakeQuantConfig("none", spec.substr(0, space), spec.substr(space + 1), true, true);
+}
 
 void BM_TrainStep(benchmark::State& state) {
   const std::string name = kModels[state.range(0)];
   const int64_t batch = state.range(1);
   const int threads = static_cast<int>(state.range(2));
-  state.SetLabel(name);
   kernels::ThreadPool pool(threads);
   RunContext ctx;
   ctx.cpu.pool = &pool;
   ctx.mode = Mode::kTrain;
-  auto model = BuildModel(ModelSpec{name, {1, 28, 28}, 10, 1});
+  absl::StatusOr<quant::QuantConfig> config = QuantFor(static_cast<int>(state.range(3)));
+  absl::StatusOr<std::unique_ptr<quant::QuantLayerFactory>> factory =
+      config.ok() ? quant::QuantLayerFactory::Create(*config) : config.status();
+  if (!factory.ok()) {
+    state.SkipWithError(std::string(factory.status().message()).c_str());
+    return;
+  }
+  state.SetLabel(name + " " + config->ToString());
+  ModelSpec spec{name, {1, 28, 28}, 10, 1};
+  spec.factory = factory->get();
+  auto model = BuildModel(spec);
   if (!model.ok()) {
     state.SkipWithError(std::string(model.status().message()).c_str());
     return;
@@ -70,8 +90,15 @@ void BM_TrainStep(benchmark::State& state) {
 }
 
 BENCHMARK(BM_TrainStep)
-    ->ArgNames({"model", "batch", "threads"})
-    ->ArgsProduct({{0, 1, 2}, {128}, {1, 2}})
+    ->ArgNames({"model", "batch", "threads", "quant"})
+    ->ArgsProduct({{0, 1, 2}, {128}, {1, 2}, {0}})
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime()
+    ->MinTime(2.0);
+
+BENCHMARK(BM_TrainStep)
+    ->ArgNames({"model", "batch", "threads", "quant"})
+    ->ArgsProduct({{1, 2}, {128}, {2}, {1, 2, 3, 4}})
     ->Unit(benchmark::kMillisecond)
     ->UseRealTime()
     ->MinTime(2.0);

@@ -72,6 +72,18 @@ class Residual : public Layer {
   const ResidualOptions& options() const { return options_; }
   bool has_identity_shortcut() const;
 
+  // The children, for tools that walk a model (export, packed inference). Forward runs them as:
+  // conv1 on in_quant(x) (or x), bn1, act1 (or an in-place ReLU when null), conv2, bn2, and on
+  // x shortcut_conv, shortcut_bn (projection only); then y = relu(bn2 out + shortcut).
+  Conv2d* conv1() const { return conv1_.get(); }
+  BatchNorm2d* bn1() const { return bn1_.get(); }
+  Conv2d* conv2() const { return conv2_.get(); }
+  BatchNorm2d* bn2() const { return bn2_.get(); }
+  Conv2d* shortcut_conv() const { return shortcut_conv_.get(); }  // null unless projection
+  BatchNorm2d* shortcut_bn() const { return shortcut_bn_.get(); }  // null unless projection
+  Layer* act1() const { return act1_.get(); }                      // null: in-place ReLU
+  Layer* in_quant() const { return in_quant_.get(); }              // null: conv1 reads x
+
  private:
   void AddShortcutAndRelu(RunContext& ctx, const Tensor& x, Tensor* y);
   void AddShortcutBackward(RunContext& ctx, const Tensor& dz, Tensor* dx);

@@ -45,6 +45,8 @@ class PactActivationQuantizer : public ActivationQuantizer {
   void CollectParameters(std::vector<nn::Parameter*>* out) override;
 
   nn::Parameter& alpha() { return alpha_; }
+  // max(alpha, kMinAlpha): the clipping level Forward uses; its code step is this / (2^k - 1).
+  float effective_alpha() const { return EffectiveAlpha(); }
   // (l2 / 2) * alpha^2, the penalty whose gradient Backward adds to alpha's.
   double LossPenalty() const;
 
