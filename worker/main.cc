@@ -26,6 +26,7 @@
 #include "worker/data/load_dataset.h"
 #include "worker/kernels/cpu/thread_pool.h"
 #include "worker/nn/model.h"
+#include "worker/quant/export_command.h"
 #include "worker/quant/quant_factory.h"
 #include "worker/train/trainer.h"
 
@@ -70,6 +71,12 @@ ABSL_FLAG(bool, fpsc, true,
 ABSL_FLAG(double, quantizer_lr_scale, 1.0,
           "Extra learning-rate factor for quantizer parameters (PACT alpha, QIL c/d/gamma; QIL's "
           "own 1/100 applies on top).");
+
+ABSL_FLAG(std::string, out, "",
+          "qtrain export: the packed model file to write (default <checkpoint_dir>/model.qpack).");
+ABSL_FLAG(std::string, packed, "",
+          "qtrain eval: also evaluate this packed model file (from qtrain export) on the low-bit "
+          "kernels and compare its predictions with the checkpoint's.");
 
 ABSL_FLAG(std::string, codec, "fp32",
           "Gradient codec for data-parallel averaging: fp32 (plain allreduce) | fp16 | onebit | "
@@ -143,6 +150,44 @@ absl::StatusOr<CommConfig> ReadCommFlags() {
                         absl::StrCat("--codec: ", codec.status().message()));
   }
   return c;
+}
+
+quant::ModelSource ModelSourceFromFlags() {
+  quant::ModelSource source;
+  source.model = absl::GetFlag(FLAGS_model);
+  source.data = absl::GetFlag(FLAGS_data);
+  source.quant = absl::GetFlag(FLAGS_quant);
+  source.wq = absl::GetFlag(FLAGS_wq);
+  source.aq = absl::GetFlag(FLAGS_aq);
+  source.fp_first_last = absl::GetFlag(FLAGS_fp_first_last);
+  source.fpsc = absl::GetFlag(FLAGS_fpsc);
+  source.max_train = absl::GetFlag(FLAGS_max_train);
+  source.max_test = absl::GetFlag(FLAGS_max_test);
+  source.threads = absl::GetFlag(FLAGS_threads);
+  return source;
+}
+
+// `qtrain export` and `qtrain eval`: the packed low-bit model (worker/quant/export_command.h).
+absl::Status RunSubcommand(const std::string& command) {
+  if (command == "export") {
+    quant::ExportCommandOptions options;
+    options.source = ModelSourceFromFlags();
+    options.checkpoint_dir = absl::GetFlag(FLAGS_checkpoint_dir);
+    options.output = absl::GetFlag(FLAGS_out);
+    if (options.checkpoint_dir.empty()) {
+      return absl::InvalidArgumentError("qtrain export needs --checkpoint_dir (a training run's)");
+    }
+    return quant::RunExportCommand(options);
+  }
+  if (command == "eval") {
+    quant::EvalCommandOptions options;
+    options.source = ModelSourceFromFlags();
+    options.checkpoint_dir = absl::GetFlag(FLAGS_checkpoint_dir);
+    options.packed = absl::GetFlag(FLAGS_packed);
+    return quant::RunEvalCommand(options);
+  }
+  return absl::InvalidArgumentError(
+      absl::StrCat("unknown command '", command, "'; commands: export, eval (none: train)"));
 }
 
 absl::Status RunTraining(const CommConfig& comm_config, comm::Communicator* communicator) {
@@ -261,11 +306,21 @@ int main(int argc, char** argv) {
       "trains a (quantized) network on its own CPU kernels, alone or data-parallel under mpirun.\n"
       "  qtrain [--flags]            train (defaults: cnn on Fashion-MNIST)\n"
       "  mpirun -np 4 qtrain --codec=onebit [--flags]   4 ranks averaging 1-bit gradients\n"
+      "  qtrain export --checkpoint_dir=D [--out=F] [model/quant flags]   packed low-bit model\n"
+      "  qtrain eval --checkpoint_dir=D [--packed=F] [model/quant flags]  test accuracy of both\n"
       "Every flag is listed below with its default.");
   std::vector<char*> positional = absl::ParseCommandLine(argc, argv);
-  if (positional.size() > 1) {
-    std::fprintf(stderr, "qtrain: unexpected argument '%s' (see --help)\n", positional[1]);
+  if (positional.size() > 2) {
+    std::fprintf(stderr, "qtrain: unexpected argument '%s' (see --help)\n", positional[2]);
     return 2;
+  }
+  if (positional.size() == 2) {
+    absl::Status status = qtrain::RunSubcommand(positional[1]);
+    if (!status.ok()) {
+      std::fprintf(stderr, "qtrain: %s\n", status.ToString().c_str());
+      return 1;
+    }
+    return 0;
   }
   absl::StatusOr<qtrain::CommConfig> config = qtrain::ReadCommFlags();
   if (!config.ok()) {

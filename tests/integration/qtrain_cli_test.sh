@@ -45,6 +45,14 @@ check "corrupt checkpoint is DATA_LOSS" 1 "DATA_LOSS.*checksum" -- \
   "$qtrain" --model=cnn --epochs=3 "${common[@]}" --checkpoint_dir="$work/ck" --resume
 check "2-bit weights and activations learn" 0 "quant=w=sawb:bits=2;a=pact:bits=2.*final_test_accuracy=([4-9][0-9]|100)\." -- \
   "$qtrain" --model=cnn --epochs=2 "${common[@]}" --wq=sawb:bits=2 --aq=pact:bits=2 --checkpoint_dir="$work/q"
+qflags=(--model=cnn --wq=sawb:bits=2 --aq=pact:bits=2 --max_train=512 --max_test=300 --threads=2)
+check "export packs the 2-bit model" 0 "export: .*model.qpack [0-9]+ bytes, fp32 model [0-9]+ bytes \((1[2-9]|[2-9][0-9])\.[0-9]x smaller\)" -- \
+  "$qtrain" export "${qflags[@]}" --checkpoint_dir="$work/q"
+check "packed inference predicts like the fake-quantized model" 0 "0 of 300 predictions differ" -- \
+  "$qtrain" eval "${qflags[@]}" --checkpoint_dir="$work/q" --packed="$work/q/model.qpack"
+check "eval with other quant flags is refused" 1 "trained with quant=w=sawb:bits=2" -- \
+  "$qtrain" eval --model=cnn --wq=sawb:bits=3 --aq=pact:bits=2 --max_train=512 --max_test=300 --checkpoint_dir="$work/q"
+check "unknown command" 1 "unknown command 'exprot'" -- "$qtrain" exprot
 check "resume of a quantized run into fp32 is refused" 1 "parameters.*settings: .*quant=w=sawb" -- \
   "$qtrain" --model=cnn --epochs=3 "${common[@]}" --checkpoint_dir="$work/q" --resume
 check "activation method as weight quantizer" 1 "weight quantizer spec 'pact:bits=2'.*valid: " -- \
