@@ -62,26 +62,32 @@ void ForEachImage(const CpuContext& ctx, int64_t batch, int64_t col_size, Fn&& f
 }
 
 
-// ---- Implicit GEMM (AVX2) ---------------------------------------------------------------------
+// ---- Implicit GEMM (AVX2 packing, AVX2 or AVX-512 micro-kernel) -------------------------------
 //
 // y (K x [N*OH*OW]) = w (K x R) * col (R x [N*OH*OW]), R = C*KH*KW, without an im2col buffer:
-// the columns of all images form one flat index J = n*OH*OW + oh*OW + ow, cut into 16-wide
-// strips; each strip of col is packed straight from a zero-padded copy of the input (R x 16,
-// in L1) and multiplied by the weights, packed once per call into 6-row strips, with the SGEMM
-// micro-kernel. Small spatial sizes (7x7) thus no longer waste most of a ragged last strip, and
+// the columns of all images form one flat index J = n*OH*OW + oh*OW + ow, cut into nr-wide
+// strips; each strip of col is packed straight from a zero-padded copy of the input (R x nr,
+// in L1) and multiplied by the weights, packed once per call into mr-row strips, with the SGEMM
+// micro-kernel: AVX-512's 12 x 32 where the CPU has it (twice the multiply-adds per instruction;
+// on CPUs with two 512-bit FMA units, twice the throughput), else AVX2's 6 x 16. Small spatial sizes (7x7) thus no longer waste most of a ragged last strip, and
 // both threads get an even share of strips whatever the batch. Each output element sees the same
 // depth blocking and arithmetic whichever thread computes it, so results do not depend on the
 // thread count.
 
-constexpr int kIgMr = 6;
-constexpr int kIgNr = 16;
+constexpr int kIgMaxNr = 32;  // the widest micro-kernel tile (AVX-512)
 constexpr int64_t kIgMaxKc = 256;
 
 #define QTRAIN_AVX2 __attribute__((target("avx2,fma")))
 
-const sgemm_internal::MicroKernel& IgKernel() {
-  static const sgemm_internal::MicroKernel kernel = sgemm_internal::Avx2MicroKernel();
-  return kernel;
+// The micro-kernel for an implicit GEMM whose tile columns cover `columns` outputs: AVX-512's
+// when the context allows it and the 32-wide tile is not mostly padding (columns >= 32).
+const sgemm_internal::MicroKernel& IgKernel(const CpuContext& ctx, int64_t columns) {
+  static const sgemm_internal::MicroKernel avx2 = sgemm_internal::Avx2MicroKernel();
+  if (ctx.effective_simd() == SimdLevel::kAvx512 && columns >= kIgMaxNr) {
+    static const sgemm_internal::MicroKernel avx512 = sgemm_internal::Avx512MicroKernel();
+    return avx512;
+  }
+  return avx2;
 }
 
 bool UseImplicitGemm(const CpuContext& ctx) {
@@ -115,7 +121,7 @@ IgStripScratch& StripScratch() {
   return scratch;
 }
 
-// Zero-padded copy of x: N*C planes of (H + 2ph) x (W + 2pw), plus kIgNr zeros at the end so
+// Zero-padded copy of x: N*C planes of (H + 2ph) x (W + 2pw), plus kIgMaxNr zeros at the end so
 // 8-wide loads may run past the last element.
 void PadInput(const CpuContext& ctx, const Conv2dShape& s, const float* x, float* xpad) {
   const int64_t hp = s.in_height + 2 * s.pad_h;
@@ -136,16 +142,17 @@ void PadInput(const CpuContext& ctx, const Conv2dShape& s, const float* x, float
                   std::fill(dst + (s.pad_h + s.in_height) * wp, dst + hp * wp, 0.0f);
                 }
               });
-  std::fill(xpad + planes * hp * wp, xpad + planes * hp * wp + kIgNr, 0.0f);
+  std::fill(xpad + planes * hp * wp, xpad + planes * hp * wp + kIgMaxNr, 0.0f);
 }
 
 using avx2_internal::Transpose8x8;
 
 // Computes the strips [strip_begin, strip_end) of y.
-QTRAIN_AVX2 void IgStrips(const Conv2dShape& s, const float* xpad, const float* apack,
-                          const int64_t* roff, const float* bias, float* y, int64_t strip_begin,
-                          int64_t strip_end) {
-  const sgemm_internal::MicroKernel& kernel = IgKernel();
+QTRAIN_AVX2 void IgStrips(const sgemm_internal::MicroKernel& kernel, const Conv2dShape& s,
+                          const float* xpad, const float* apack, const int64_t* roff,
+                          const float* bias, float* y, int64_t strip_begin, int64_t strip_end) {
+  const int mr = kernel.blocking.mr;
+  const int nr = kernel.blocking.nr;
   const int64_t k_out = s.out_channels;
   const int64_t rdim = s.col_rows();
   const int64_t ow_n = s.out_width();
@@ -154,25 +161,25 @@ QTRAIN_AVX2 void IgStrips(const Conv2dShape& s, const float* xpad, const float* 
   const int64_t hp = s.in_height + 2 * s.pad_h;
   const int64_t wp = s.in_width + 2 * s.pad_w;
   const int64_t image_pad = s.in_channels * hp * wp;
-  const int64_t mp = (k_out + kIgMr - 1) / kIgMr * kIgMr;
+  const int64_t mp = (k_out + mr - 1) / mr * mr;
   const int64_t k_blocks = (rdim + kIgMaxKc - 1) / kIgMaxKc;
   const int64_t kc = (rdim + k_blocks - 1) / k_blocks;
 
   IgStripScratch& scratch = StripScratch();
-  float* strip = scratch.strip.Reserve(rdim * kIgNr + kIgNr);
-  float* tile = scratch.tile.Reserve(mp * kIgNr);
-  IgSegment seg[kIgNr];
+  float* strip = scratch.strip.Reserve(rdim * nr + nr);
+  float* tile = scratch.tile.Reserve(mp * nr);
+  IgSegment seg[kIgMaxNr];
 
   for (int64_t st = strip_begin; st < strip_end; ++st) {
-    const int64_t j0 = st * kIgNr;
+    const int64_t j0 = st * nr;
     int segments = 0;
     int lane = 0;
-    for (int64_t j = j0; lane < kIgNr && j < total;) {
+    for (int64_t j = j0; lane < nr && j < total;) {
       const int64_t n = j / spatial;
       const int64_t sp = j - n * spatial;
       const int64_t oh = sp / ow_n;
       const int64_t ow = sp - oh * ow_n;
-      const int len = static_cast<int>(std::min<int64_t>({kIgNr - lane, ow_n - ow, total - j}));
+      const int len = static_cast<int>(std::min<int64_t>({nr - lane, ow_n - ow, total - j}));
       seg[segments++] =
           IgSegment{lane, len, n, sp, n * image_pad + oh * s.stride_h * wp + ow * s.stride_w};
       lane += len;
@@ -180,11 +187,11 @@ QTRAIN_AVX2 void IgStrips(const Conv2dShape& s, const float* xpad, const float* 
     }
     const int valid = lane;
 
-    // Pack: strip[r * 16 + l] = col(r, j0 + l). Segments are written in lane order with 8-wide
+    // Pack: strip[r * nr + l] = col(r, j0 + l). Segments are written in lane order with 8-wide
     // stores that may spill past their end; the next segment (or row) overwrites the spill.
     if (s.stride_w == 1) {
       for (int64_t r = 0; r < rdim; ++r) {
-        float* d = strip + r * kIgNr;
+        float* d = strip + r * nr;
         const float* base = xpad + roff[r];
         for (int g = 0; g < segments; ++g) {
           const float* src = base + seg[g].offset;
@@ -193,34 +200,34 @@ QTRAIN_AVX2 void IgStrips(const Conv2dShape& s, const float* xpad, const float* 
             _mm256_storeu_ps(out + q, _mm256_loadu_ps(src + q));
           }
         }
-        for (int l = valid; l < kIgNr; ++l) d[l] = 0.0f;
+        for (int l = valid; l < nr; ++l) d[l] = 0.0f;
       }
     } else {
       for (int64_t r = 0; r < rdim; ++r) {
-        float* d = strip + r * kIgNr;
+        float* d = strip + r * nr;
         const float* base = xpad + roff[r];
         for (int g = 0; g < segments; ++g) {
           const float* src = base + seg[g].offset;
           float* out = d + seg[g].lane;
           for (int q = 0; q < seg[g].len; ++q) out[q] = src[q * s.stride_w];
         }
-        for (int l = valid; l < kIgNr; ++l) d[l] = 0.0f;
+        for (int l = valid; l < nr; ++l) d[l] = 0.0f;
       }
     }
 
-    // Straight into y when the 16 columns are one contiguous run of one image.
-    const bool direct = valid == kIgNr && seg[0].sp + kIgNr <= spatial;
+    // Straight into y when the nr columns are one contiguous run of one image.
+    const bool direct = valid == nr && seg[0].sp + nr <= spatial;
     float* c_base = direct ? y + seg[0].n * k_out * spatial + seg[0].sp : tile;
-    const int64_t ldc = direct ? spatial : kIgNr;
+    const int64_t ldc = direct ? spatial : nr;
     for (int64_t pc = 0; pc < rdim; pc += kc) {
       const int64_t kb = std::min(kc, rdim - pc);
       const float beta = pc == 0 ? 0.0f : 1.0f;
       const float* a_block = apack + pc * mp;
-      for (int64_t i = 0; i < k_out; i += kIgMr) {
-        const int rows = static_cast<int>(std::min<int64_t>(kIgMr, k_out - i));
+      for (int64_t i = 0; i < k_out; i += mr) {
+        const int rows = static_cast<int>(std::min<int64_t>(mr, k_out - i));
         const sgemm_internal::MicroKernelFn fn =
-            rows == kIgMr ? kernel.fn : kernel.partial_rows[rows];
-        fn(kb, a_block + i * kb, strip + pc * kIgNr, c_base + i * ldc, ldc, 1.0f, beta);
+            rows == mr ? kernel.fn : kernel.partial_rows[rows];
+        fn(kb, a_block + i * kb, strip + pc * nr, c_base + i * ldc, ldc, 1.0f, beta);
       }
     }
     if (direct) {
@@ -228,8 +235,9 @@ QTRAIN_AVX2 void IgStrips(const Conv2dShape& s, const float* xpad, const float* 
         for (int64_t k = 0; k < k_out; ++k) {
           float* row = c_base + k * spatial;
           const __m256 b = _mm256_set1_ps(bias[k]);
-          _mm256_storeu_ps(row, _mm256_add_ps(_mm256_loadu_ps(row), b));
-          _mm256_storeu_ps(row + 8, _mm256_add_ps(_mm256_loadu_ps(row + 8), b));
+          for (int q = 0; q < nr; q += 8) {
+            _mm256_storeu_ps(row + q, _mm256_add_ps(_mm256_loadu_ps(row + q), b));
+          }
         }
       }
       continue;
@@ -237,7 +245,7 @@ QTRAIN_AVX2 void IgStrips(const Conv2dShape& s, const float* xpad, const float* 
     for (int g = 0; g < segments; ++g) {
       float* out = y + seg[g].n * k_out * spatial + seg[g].sp;
       for (int64_t k = 0; k < k_out; ++k) {
-        const float* src = tile + k * kIgNr + seg[g].lane;
+        const float* src = tile + k * nr + seg[g].lane;
         float* dst = out + k * spatial;
         if (bias != nullptr) {
           for (int q = 0; q < seg[g].len; ++q) dst[q] = src[q] + bias[k];
@@ -253,28 +261,31 @@ QTRAIN_AVX2 void IgStrips(const Conv2dShape& s, const float* xpad, const float* 
 // Forward convolution by implicit GEMM; w is K x R row-major. Requires AVX2.
 void ImplicitGemmForward(const CpuContext& ctx, const Conv2dShape& s, const float* x,
                          const float* w, const float* bias, float* y) {
+  const sgemm_internal::MicroKernel& kernel = IgKernel(ctx, kIgMaxNr);
+  const int mr = kernel.blocking.mr;
+  const int nr = kernel.blocking.nr;
   const int64_t k_out = s.out_channels;
   const int64_t rdim = s.col_rows();
   const int64_t hp = s.in_height + 2 * s.pad_h;
   const int64_t wp = s.in_width + 2 * s.pad_w;
-  const int64_t mp = (k_out + kIgMr - 1) / kIgMr * kIgMr;
+  const int64_t mp = (k_out + mr - 1) / mr * mr;
   const int64_t k_blocks = (rdim + kIgMaxKc - 1) / kIgMaxKc;
   const int64_t kc = (rdim + k_blocks - 1) / k_blocks;
 
   IgScratch& scratch = CallerScratch();
-  float* xpad = scratch.xpad.Reserve(s.batch * s.in_channels * hp * wp + kIgNr);
+  float* xpad = scratch.xpad.Reserve(s.batch * s.in_channels * hp * wp + kIgMaxNr);
   PadInput(ctx, s, x, xpad);
 
-  // Weights: depth block pc holds ceil(K/6) strips of kb x 6, rows past K zero.
+  // Weights: depth block pc holds ceil(K/mr) strips of kb x mr, rows past K zero.
   float* apack = scratch.apack.Reserve(mp * rdim);
   for (int64_t pc = 0; pc < rdim; pc += kc) {
     const int64_t kb = std::min(kc, rdim - pc);
     float* block = apack + pc * mp;
-    for (int64_t i0 = 0; i0 < mp; i0 += kIgMr) {
+    for (int64_t i0 = 0; i0 < mp; i0 += mr) {
       float* dst = block + i0 * kb;
       for (int64_t p = 0; p < kb; ++p) {
-        for (int i = 0; i < kIgMr; ++i) {
-          dst[p * kIgMr + i] = i0 + i < k_out ? w[(i0 + i) * rdim + pc + p] : 0.0f;
+        for (int i = 0; i < mr; ++i) {
+          dst[p * mr + i] = i0 + i < k_out ? w[(i0 + i) * rdim + pc + p] : 0.0f;
         }
       }
     }
@@ -288,9 +299,9 @@ void ImplicitGemmForward(const CpuContext& ctx, const Conv2dShape& s, const floa
     }
   }
   const int64_t* roff = scratch.roff.data();
-  const int64_t strips = (s.batch * s.col_cols() + kIgNr - 1) / kIgNr;
+  const int64_t strips = (s.batch * s.col_cols() + nr - 1) / nr;
   ParallelFor(ctx.pool, strips, 4, [&](int64_t begin, int64_t end) {
-    IgStrips(s, xpad, apack, roff, bias, y, begin, end);
+    IgStrips(kernel, s, xpad, apack, roff, bias, y, begin, end);
   });
 }
 
@@ -328,7 +339,7 @@ void ImplicitGemmBackwardData(const CpuContext& ctx, const Conv2dShape& s, const
 
 // Backward weights by implicit GEMM: dw^T (R x K) = col (R x T) * dy^T (T x K) over the flat
 // column index T = N*OH*OW, in depth blocks of kIgDepth positions. col is packed straight from
-// the padded input into 6-row strips, dy^T into 16-column strips. Threads split the R rows, each
+// the padded input into mr-row strips, dy^T into nr-column strips. Threads split the R rows, each
 // running the whole depth, so the result does not depend on the thread count. Requires AVX2.
 constexpr int64_t kIgDepth = 256;
 
@@ -361,12 +372,13 @@ void IgRuns(const Conv2dShape& s, int64_t j0, int64_t kb, std::vector<IgRun>* ru
   }
 }
 
-// dw rows r in [r_begin, r_end) (multiples of 6 except at R), written to dwt (R x kp, kp = K
-// rounded up to 16).
-QTRAIN_AVX2 void IgWeightRows(const Conv2dShape& s, const float* xpad, const float* dy,
-                              const int64_t* roff, int64_t r_begin, int64_t r_end, float* dwt,
-                              int64_t kp) {
-  const sgemm_internal::MicroKernel& kernel = IgKernel();
+// dw rows r in [r_begin, r_end) (multiples of mr except at R), written to dwt (R x kp, kp = K
+// rounded up to nr).
+QTRAIN_AVX2 void IgWeightRows(const sgemm_internal::MicroKernel& kernel, const Conv2dShape& s,
+                              const float* xpad, const float* dy, const int64_t* roff,
+                              int64_t r_begin, int64_t r_end, float* dwt, int64_t kp) {
+  const int mr = kernel.blocking.mr;
+  const int nr = kernel.blocking.nr;
   const int64_t k_out = s.out_channels;
   const int64_t spatial = s.col_cols();
   const int64_t total = s.batch * spatial;
@@ -375,22 +387,22 @@ QTRAIN_AVX2 void IgWeightRows(const Conv2dShape& s, const float* xpad, const flo
   thread_local AlignedBuffer abuf;
   thread_local std::vector<IgRun> runs;
   float* bpack = bbuf.Reserve(kIgDepth * kp);
-  float* apack = abuf.Reserve(kIgDepth * kIgMr + 8);
+  float* apack = abuf.Reserve(kIgDepth * mr + 16);
   for (int64_t j0 = 0; j0 < total; j0 += kIgDepth) {
     const int64_t kb = std::min(kIgDepth, total - j0);
     IgRuns(s, j0, kb, &runs);
-    // B: strip t holds bpack[t*16*kb + p*16 + l] = dy(k = 16t + l, position j0 + p). dy is
+    // B: strip t holds bpack[t*nr*kb + p*nr + l] = dy(k = nr*t + l, position j0 + p). dy is
     // contiguous over an image's positions, so runs here are per image; 8x8 blocks go through
     // registers, the ragged tail of each run element by element.
     for (int64_t k0 = 0; k0 < kp; k0 += 8) {
-      float* strip = bpack + (k0 / kIgNr) * kIgNr * kb + (k0 % kIgNr);
+      float* strip = bpack + (k0 / nr) * nr * kb + (k0 % nr);
       if (k0 + 8 > k_out) {
         for (int l = 0; l < 8; ++l) {
           const int64_t k = k0 + l;
           for (int64_t p = 0; p < kb; ++p) {
             const int64_t j = j0 + p;
             const int64_t n = j / spatial;
-            strip[p * kIgNr + l] = k < k_out ? dy[(n * k_out + k) * spatial + (j - n * spatial)]
+            strip[p * nr + l] = k < k_out ? dy[(n * k_out + k) * spatial + (j - n * spatial)]
                                              : 0.0f;
           }
         }
@@ -402,7 +414,7 @@ QTRAIN_AVX2 void IgWeightRows(const Conv2dShape& s, const float* xpad, const flo
         const int64_t sp = j - n * spatial;
         const int64_t len = std::min(kb - p, spatial - sp);
         const float* src = dy + (n * k_out + k0) * spatial + sp;
-        float* dst = strip + p * kIgNr;
+        float* dst = strip + p * nr;
         int64_t q = 0;
         for (; q + 8 <= len; q += 8) {
           __m256 r[8];
@@ -410,48 +422,56 @@ QTRAIN_AVX2 void IgWeightRows(const Conv2dShape& s, const float* xpad, const flo
           for (int t = 0; t < 8; ++t) r[t] = _mm256_loadu_ps(src + t * spatial + q);
           Transpose8x8(r);
 #pragma GCC unroll 8
-          for (int t = 0; t < 8; ++t) _mm256_storeu_ps(dst + (q + t) * kIgNr, r[t]);
+          for (int t = 0; t < 8; ++t) _mm256_storeu_ps(dst + (q + t) * nr, r[t]);
         }
         for (; q < len; ++q) {
-          for (int t = 0; t < 8; ++t) dst[q * kIgNr + t] = src[t * spatial + q];
+          for (int t = 0; t < 8; ++t) dst[q * nr + t] = src[t * spatial + q];
         }
         p += len;
       }
     }
     const float beta = j0 == 0 ? 0.0f : 1.0f;
-    for (int64_t r0 = r_begin; r0 < r_end; r0 += kIgMr) {
-      const int rows = static_cast<int>(std::min<int64_t>(kIgMr, r_end - r0));
-      // A: apack[p*6 + i] = col(r0 + i, j0 + p). With unit stride, 8 rows (the 6 wanted and 2
-      // spare, clamped to the strip) x 8 positions go through registers and each position is
-      // stored 8 wide: the 2 spare lanes spill into the next position's slot, which is written
-      // next (positions ascend; reads past a run stay inside the padded input).
+    for (int64_t r0 = r_begin; r0 < r_end; r0 += mr) {
+      const int rows = static_cast<int>(std::min<int64_t>(mr, r_end - r0));
+      // A: apack[p*mr + i] = col(r0 + i, j0 + p). With unit stride, groups of 8 rows (the mr
+      // wanted rounded up to 8, spare rows clamped to the strip) x 8 positions go through
+      // registers and each position's groups are stored 8 wide, in order: the spare lanes of a
+      // position's last group spill into the next position's slot, which is written next
+      // (positions ascend; reads past a run stay inside the padded input).
       if (sw == 1) {
-        const float* base[8];
-        for (int i = 0; i < 8; ++i) base[i] = xpad + roff[r0 + std::min(i, rows - 1)];
+        const int groups = (mr + 7) / 8;
+        const float* base[16];
+        for (int i = 0; i < 8 * groups; ++i) base[i] = xpad + roff[r0 + std::min(i, rows - 1)];
         for (const IgRun& run : runs) {
-          float* dst = apack + run.p * kIgMr;
+          float* dst = apack + run.p * mr;
           for (int64_t q = 0; q < run.len; q += 8) {
-            __m256 r[8];
+            __m256 r[2][8];
+            for (int g = 0; g < groups; ++g) {
 #pragma GCC unroll 8
-            for (int t = 0; t < 8; ++t) r[t] = _mm256_loadu_ps(base[t] + run.offset + q);
-            Transpose8x8(r);
+              for (int t = 0; t < 8; ++t) r[g][t] = _mm256_loadu_ps(base[8 * g + t] + run.offset + q);
+              Transpose8x8(r[g]);
+            }
             const int64_t count = std::min<int64_t>(8, run.len - q);
-            for (int t = 0; t < count; ++t) _mm256_storeu_ps(dst + (q + t) * kIgMr, r[t]);
+            for (int t = 0; t < count; ++t) {
+              for (int g = 0; g < groups; ++g) {
+                _mm256_storeu_ps(dst + (q + t) * mr + 8 * g, r[g][t]);
+              }
+            }
           }
         }
       } else {
-        for (int i = 0; i < kIgMr; ++i) {
+        for (int i = 0; i < mr; ++i) {
           const float* base = xpad + roff[r0 + std::min(i, rows - 1)];
           for (const IgRun& run : runs) {
             const float* src = base + run.offset;
-            float* dst = apack + run.p * kIgMr + i;
-            for (int64_t q = 0; q < run.len; ++q) dst[q * kIgMr] = src[q * sw];
+            float* dst = apack + run.p * mr + i;
+            for (int64_t q = 0; q < run.len; ++q) dst[q * mr] = src[q * sw];
           }
         }
       }
       const sgemm_internal::MicroKernelFn fn =
-          rows == kIgMr ? kernel.fn : kernel.partial_rows[rows];
-      for (int64_t k0 = 0; k0 < kp; k0 += kIgNr) {
+          rows == mr ? kernel.fn : kernel.partial_rows[rows];
+      for (int64_t k0 = 0; k0 < kp; k0 += nr) {
         fn(kb, apack, bpack + k0 * kb, dwt + r0 * kp + k0, kp, 1.0f, beta);
       }
     }
@@ -464,9 +484,12 @@ void ImplicitGemmBackwardWeights(const CpuContext& ctx, const Conv2dShape& s, co
   const int64_t rdim = s.col_rows();
   const int64_t hp = s.in_height + 2 * s.pad_h;
   const int64_t wp = s.in_width + 2 * s.pad_w;
-  const int64_t kp = (k_out + kIgNr - 1) / kIgNr * kIgNr;
+  const sgemm_internal::MicroKernel& kernel = IgKernel(ctx, k_out);
+  const int mr = kernel.blocking.mr;
+  const int nr = kernel.blocking.nr;
+  const int64_t kp = (k_out + nr - 1) / nr * nr;
   IgScratch& scratch = CallerScratch();
-  float* xpad = scratch.xpad.Reserve(s.batch * s.in_channels * hp * wp + kIgNr);
+  float* xpad = scratch.xpad.Reserve(s.batch * s.in_channels * hp * wp + kIgMaxNr);
   PadInput(ctx, s, x, xpad);
   scratch.roff.resize(static_cast<size_t>(rdim));
   for (int64_t c = 0; c < s.in_channels; ++c) {
@@ -478,9 +501,9 @@ void ImplicitGemmBackwardWeights(const CpuContext& ctx, const Conv2dShape& s, co
   }
   float* dwt = scratch.apack.Reserve(rdim * kp);
   const int64_t* roff = scratch.roff.data();
-  const int64_t row_strips = (rdim + kIgMr - 1) / kIgMr;
+  const int64_t row_strips = (rdim + mr - 1) / mr;
   ParallelFor(ctx.pool, row_strips, 1, [&](int64_t begin, int64_t end) {
-    IgWeightRows(s, xpad, dy, roff, begin * kIgMr, std::min(rdim, end * kIgMr), dwt, kp);
+    IgWeightRows(kernel, s, xpad, dy, roff, begin * mr, std::min(rdim, end * mr), dwt, kp);
   });
   for (int64_t k = 0; k < k_out; ++k) {
     for (int64_t r = 0; r < rdim; ++r) dw[k * rdim + r] = dwt[r * kp + k];

@@ -45,6 +45,8 @@ std::vector<Conv2dShape> Shapes() {
       MakeShape(2, 16, 14, 14, 20, 3, 1, 1),  // large enough for the GEMM to use both threads
       MakeShape(2, 3, 5, 21, 7, 3, 1, 1),     // 16-column strips straddling output rows
       MakeShape(2, 32, 5, 5, 7, 3, 1, 1),     // depth 288: two depth blocks; strips span images
+      MakeShape(2, 8, 6, 9, 40, 3, 1, 1),     // K >= 32: AVX-512 backward-weights tiles, 12-row A
+      MakeShape(2, 5, 7, 7, 33, 3, 2, 1),     // the same strided, ragged rows and columns
   };
   Conv2dShape rows_strided = MakeShape(2, 2, 8, 17, 5, 3, 1, 1);
   rows_strided.stride_h = 2;  // vertical stride only
