@@ -1,0 +1,769 @@
+#include "server/ps_core.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstring>
+#include <filesystem>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "common/framed_file.h"
+#include "common/logging.h"
+#include "common/status_macros.h"
+#include "compression/wire.h"
+
+namespace qtrain::server {
+namespace {
+
+constexpr FrameFormat kCheckpointFormat{"QTRNPSCK", 1, "server checkpoint"};
+constexpr uint64_t kMaxCheckpointBytes = uint64_t{16} << 30;
+constexpr uint64_t kFnvOffset = 14695981039346656037ull;
+constexpr uint64_t kFnvPrime = 1099511628211ull;
+
+uint64_t Fnv(uint64_t h, const void* data, size_t size) {
+  const auto* p = static_cast<const unsigned char*>(data);
+  for (size_t i = 0; i < size; ++i) h = (h ^ p[i]) * kFnvPrime;
+  return h;
+}
+template <typename T>
+uint64_t FnvValue(uint64_t h, const T& v) {
+  return Fnv(h, &v, sizeof(v));
+}
+
+// A refusal the client acts on: "<REASON>: message".
+absl::Status Refuse(absl::StatusCode code, pb::PsErrorReason reason, const std::string& message) {
+  return absl::Status(code, absl::StrCat(pb::PsErrorReason_Name(reason), ": ", message));
+}
+
+std::string BucketKey(uint32_t bucket) { return absl::StrCat("b", bucket); }
+
+double SteadySeconds() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+}  // namespace
+
+absl::Status ValidateServerCoreOptions(const ServerCoreOptions& o) {
+  if (o.num_shards < 1 || o.num_shards > 4096) {
+    return absl::InvalidArgumentError(absl::StrCat("--num_shards must be in [1, 4096], got ", o.num_shards));
+  }
+  if (o.shard < 0 || o.shard >= o.num_shards) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--shard must be in [0, ", o.num_shards, "), got ", o.shard));
+  }
+  if (o.world_size < 1 || o.world_size > 65536) {
+    return absl::InvalidArgumentError(absl::StrCat("--workers must be in [1, 65536], got ", o.world_size));
+  }
+  if (!(o.step_deadline_seconds > 0) || !std::isfinite(o.step_deadline_seconds)) {
+    return absl::InvalidArgumentError("--step_deadline must be a number of seconds > 0");
+  }
+  if (!(o.heartbeat_timeout_seconds > 0) || !std::isfinite(o.heartbeat_timeout_seconds)) {
+    return absl::InvalidArgumentError("--heartbeat_timeout must be a number of seconds > 0");
+  }
+  if (o.staleness < 0) return absl::InvalidArgumentError("--staleness must be >= 0");
+  if (o.max_message_bytes < 4096) {
+    return absl::InvalidArgumentError("--max_message_mb is too small (at least 4 KiB)");
+  }
+  if (o.checkpoint_every < 1) return absl::InvalidArgumentError("--checkpoint_every must be >= 1");
+  if (o.history < 1) return absl::InvalidArgumentError("history must be >= 1");
+  if (o.collective_history < 1) return absl::InvalidArgumentError("collective_history must be >= 1");
+  return absl::OkStatus();
+}
+
+std::string ServerCheckpointPath(const std::string& dir, int shard) {
+  return (std::filesystem::path(dir) / absl::StrCat("qserver.shard", shard, ".ckpt")).string();
+}
+
+ServerCore::ServerCore(const ServerCoreOptions& options)
+    : options_(options), rng_(comm::RankSeed(options.seed, 1'000'000 + options.shard)) {}
+
+absl::StatusOr<std::unique_ptr<ServerCore>> ServerCore::Create(const ServerCoreOptions& options) {
+  RETURN_IF_ERROR(ValidateServerCoreOptions(options));
+  ServerCoreOptions o = options;
+  if (!o.clock) o.clock = SteadySeconds;
+  std::unique_ptr<ServerCore> core(new ServerCore(o));
+  absl::StatusOr<std::unique_ptr<comm::BucketCodec>> codec =
+      comm::BucketCodec::Create(o.codec_spec, o.downlink_feedback);
+  if (!codec.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("--codec: ", codec.status().message()));
+  }
+  core->codec_ = std::move(*codec);
+  if (!o.checkpoint_dir.empty()) RETURN_IF_ERROR(core->Restore());
+  return core;
+}
+
+absl::Status ServerCore::Reject(absl::Status status) {
+  ++rejected_;
+  return status;
+}
+
+absl::Status ServerCore::CheckToken(const std::string& token) const {
+  if (options_.token.empty() || token == options_.token) return absl::OkStatus();
+  return absl::UnauthenticatedError("missing or wrong token");
+}
+
+absl::Status ServerCore::CheckShard(uint32_t shard) const {
+  if (static_cast<int64_t>(shard) != options_.shard) {
+    return Refuse(absl::StatusCode::kInvalidArgument, pb::WRONG_SHARD,
+                  absl::StrCat("this server is shard ", options_.shard, " of ",
+                               options_.num_shards, ", the request is for shard ", shard));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ServerCore::CheckWorker(int id) {
+  auto it = workers_.find(id);
+  if (it == workers_.end() || !it->second.live) {
+    return Refuse(absl::StatusCode::kFailedPrecondition, pb::NOT_REGISTERED,
+                  absl::StrCat("worker ", id,
+                               it == workers_.end() ? " is not registered"
+                                                    : " was dropped (no heartbeat or left)",
+                               "; register again"));
+  }
+  it->second.last_seen = Now();
+  return absl::OkStatus();
+}
+
+int ServerCore::LiveCount() const {
+  int n = 0;
+  for (const auto& [id, w] : workers_) n += w.live ? 1 : 0;
+  return n;
+}
+
+bool ServerCore::QuorumReady() const {
+  return static_cast<int>(workers_.size()) >= options_.world_size;
+}
+
+void ServerCore::Changed() {
+  ++changes_;
+  cv_.notify_all();
+}
+
+uint64_t ServerCore::change_count() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return changes_;
+}
+
+uint64_t ServerCore::WaitForChange(uint64_t seen, double seconds) {
+  std::unique_lock<std::mutex> lock(mu_);
+  cv_.wait_for(lock, std::chrono::duration<double>(std::max(0.0, seconds)),
+               [&] { return changes_ != seen; });
+  return changes_;
+}
+
+absl::Status ServerCore::Register(const pb::RegisterRequest& request,
+                                  pb::RegisterResponse* response) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (absl::Status s = CheckToken(request.token()); !s.ok()) return Reject(s);
+  if (absl::Status s = CheckShard(request.shard()); !s.ok()) return Reject(s);
+  if (static_cast<int64_t>(request.num_shards()) != options_.num_shards) {
+    return Reject(Refuse(absl::StatusCode::kInvalidArgument, pb::WRONG_SHARD,
+                         absl::StrCat("the worker knows ", request.num_shards(),
+                                      " servers; this run has ", options_.num_shards)));
+  }
+  if (request.codec_spec() != options_.codec_spec) {
+    return Reject(Refuse(absl::StatusCode::kInvalidArgument, pb::BAD_REQUEST,
+                         absl::StrCat("the worker's codec '", request.codec_spec(),
+                                      "' differs from the server's '", options_.codec_spec, "'")));
+  }
+  int id = request.worker_id();
+  if (id == -1) {
+    id = 0;
+    while (workers_.count(id) != 0) ++id;
+  }
+  if (id < 0 || id >= options_.world_size) {
+    return Reject(Refuse(absl::StatusCode::kInvalidArgument, pb::BAD_REQUEST,
+                         absl::StrCat("worker id ", request.worker_id(), " is outside [0, ",
+                                      options_.world_size, ") (or every id is taken)")));
+  }
+  Worker& w = workers_[id];
+  const bool rejoin = !w.live && w.last_seen != 0;
+  w.live = true;
+  w.last_seen = Now();
+  if (rejoin) QTRAIN_LOG(INFO) << "worker " << id << " rejoined";
+  response->set_worker_id(id);
+  response->set_world_size(options_.world_size);
+  response->set_shard(static_cast<uint32_t>(options_.shard));
+  response->set_num_shards(static_cast<uint32_t>(options_.num_shards));
+  response->set_version(version_);
+  response->set_registered(static_cast<int32_t>(workers_.size()));
+  response->set_live(LiveCount());
+  response->set_mode(options_.mode == PsMode::kSync ? pb::PS_MODE_SYNC : pb::PS_MODE_ASYNC);
+  response->set_heartbeat_timeout_seconds(options_.heartbeat_timeout_seconds);
+  response->set_max_message_bytes(options_.max_message_bytes);
+  Changed();
+  return absl::OkStatus();
+}
+
+absl::Status ServerCore::Push(const pb::PushRequest& request, pb::PushResponse* response) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (absl::Status s = CheckToken(request.token()); !s.ok()) return Reject(s);
+  if (absl::Status s = CheckShard(request.shard()); !s.ok()) return Reject(s);
+  const uint32_t bucket_id = request.bucket();
+  if (static_cast<int64_t>(bucket_id % static_cast<uint32_t>(options_.num_shards)) != options_.shard) {
+    return Reject(Refuse(absl::StatusCode::kInvalidArgument, pb::WRONG_SHARD,
+                         absl::StrCat("bucket ", bucket_id, " belongs to shard ",
+                                      bucket_id % options_.num_shards, ", not ", options_.shard)));
+  }
+  if (request.step() < 0) {
+    return Reject(Refuse(absl::StatusCode::kInvalidArgument, pb::BAD_REQUEST,
+                         absl::StrCat("negative step ", request.step())));
+  }
+  if (absl::Status s = CheckWorker(request.worker_id()); !s.ok()) return Reject(s);
+  // The tensor: envelope, codec, size bounds, element count; DecodeAdd checks the payload.
+  const pb::EncodedTensor& g = request.gradient();
+  const uint64_t n = g.num_elements();
+  if (n == 0) {
+    return Reject(Refuse(absl::StatusCode::kInvalidArgument, pb::BAD_TENSOR,
+                         "gradient has no elements"));
+  }
+  const uint64_t bound = 8 * n + 4096;
+  const uint64_t bytes = g.payload().size() + 4 * uint64_t(g.scales_size()) +
+                         4 * uint64_t(g.params_size()) + 8 * uint64_t(g.shape_size());
+  if (bytes > bound || bytes > options_.max_message_bytes) {
+    return Reject(Refuse(absl::StatusCode::kInvalidArgument, pb::BAD_TENSOR,
+                         absl::StrCat("gradient of ", bytes, " bytes is oversized for ", n,
+                                      " elements (limit ", std::min(bound, options_.max_message_bytes),
+                                      ")")));
+  }
+  if (g.codec() != static_cast<pb::CodecId>(codec_->codec().id())) {
+    return Reject(Refuse(absl::StatusCode::kInvalidArgument, pb::BAD_TENSOR,
+                         absl::StrCat("gradient codec id ", static_cast<int>(g.codec()),
+                                      " is not the server's ", codec_->codec().Spec())));
+  }
+  auto found = buckets_.find(bucket_id);
+  if (found != buckets_.end() && found->second.elements != 0 &&
+      static_cast<uint64_t>(found->second.elements) != n) {
+    return Reject(Refuse(absl::StatusCode::kInvalidArgument, pb::BAD_TENSOR,
+                         absl::StrCat("bucket ", bucket_id, " has ", found->second.elements,
+                                      " elements, the push has ", n)));
+  }
+  if (n > options_.max_message_bytes / 4 * 2) {
+    return Reject(Refuse(absl::StatusCode::kInvalidArgument, pb::BAD_TENSOR,
+                         absl::StrCat("bucket of ", n, " elements exceeds the server's limit")));
+  }
+  absl::StatusOr<compression::EncodedTensor> tensor = compression::FromProto(g);
+  if (!tensor.ok()) {
+    return Reject(absl::Status(tensor.status().code(),
+                               absl::StrCat(pb::PsErrorReason_Name(pb::BAD_TENSOR), ": ",
+                                            tensor.status().message())));
+  }
+  // The round.
+  Bucket scratch;
+  Bucket& b = found != buckets_.end() ? found->second : scratch;
+  const int64_t step = request.step();
+  const int worker = request.worker_id();
+  if (options_.mode == PsMode::kSync) {
+    if (b.open_step >= 0 && step < b.open_step) {
+      return Reject(Refuse(absl::StatusCode::kFailedPrecondition, pb::STALE_STEP,
+                           absl::StrCat("bucket ", bucket_id, " step ", step,
+                                        " is closed (open step ", b.open_step, "); pull it")));
+    }
+    if (b.open_step >= 0 && step > b.open_step) {
+      return Reject(Refuse(absl::StatusCode::kFailedPrecondition, pb::FUTURE_STEP,
+                           absl::StrCat("bucket ", bucket_id, " step ", step,
+                                        " is not open yet (open step ", b.open_step, ")")));
+    }
+    if (b.open_step == step && b.pushed.count(worker) != 0) {
+      response->set_duplicate(true);
+      response->set_version(version_);
+      response->set_open_step(b.open_step);
+      return absl::OkStatus();
+    }
+  } else {
+    if (b.open_step >= 0 && step > b.open_step) {
+      return Reject(Refuse(absl::StatusCode::kFailedPrecondition, pb::FUTURE_STEP,
+                           absl::StrCat("bucket ", bucket_id, " base round ", step,
+                                        " is ahead of the open round ", b.open_step)));
+    }
+    if (b.open_step >= 0 && step + options_.staleness < b.open_step) {
+      return Reject(Refuse(absl::StatusCode::kFailedPrecondition, pb::STALE_STEP,
+                           absl::StrCat("bucket ", bucket_id, " base round ", step, " is ",
+                                        b.open_step - step, " rounds old (staleness bound ",
+                                        options_.staleness, ")")));
+    }
+  }
+  // Decode into the round sum (into a zero scratch sum for a bucket not seen yet): DecodeAdd
+  // validates everything first and leaves the sum unchanged on error.
+  std::vector<float> fresh;
+  std::span<float> sum;
+  const bool new_round = b.pushed.empty();
+  if (new_round) {
+    fresh.assign(n, 0.0f);
+    sum = fresh;
+  } else {
+    sum = b.sum;
+  }
+  if (absl::Status s = codec_->codec().DecodeAdd(*tensor, sum); !s.ok()) {
+    return Reject(absl::Status(s.code(), absl::StrCat(pb::PsErrorReason_Name(pb::BAD_TENSOR),
+                                                      ": ", s.message())));
+  }
+  // Accepted: from here on state changes.
+  Bucket& bucket = buckets_[bucket_id];  // (re)lookup: may create it
+  if (found == buckets_.end()) bucket = std::move(scratch);
+  bucket.elements = static_cast<int64_t>(n);
+  if (bucket.open_step < 0) bucket.open_step = step;  // fresh or restored: resync
+  if (new_round) {
+    bucket.sum = std::move(fresh);
+    bucket.opened_at = Now();
+  }
+  bucket.pushed.insert(worker);
+  if (options_.mode == PsMode::kAsync) {
+    RETURN_IF_ERROR(CloseRound(bucket_id, bucket));
+  } else {
+    MaybeCloseSync(bucket_id, bucket, /*deadline_only=*/false);
+  }
+  response->set_version(version_);
+  response->set_open_step(bucket.open_step);
+  Changed();
+  return absl::OkStatus();
+}
+
+absl::Status ServerCore::CloseRound(uint32_t bucket_id, Bucket& b) {
+  const int count = static_cast<int>(b.pushed.size());
+  const float inv = 1.0f / static_cast<float>(count);
+  if (count > 1) {
+    for (float& v : b.sum) v = v * inv;
+  }
+  const std::string key = BucketKey(bucket_id);
+  compression::EncodedTensor encoded;
+  absl::StatusOr<float> scale = codec_->Prepare(key, b.sum);
+  absl::Status s = scale.ok() ? codec_->Encode(key, b.sum, *scale, rng_, &encoded) : scale.status();
+  if (!s.ok()) {
+    // Only a non-finite mean gets here (the pushes decoded fine): drop the round's sum so the
+    // next round starts clean, and report it.
+    QTRAIN_LOG(ERROR) << "bucket " << bucket_id << " step " << b.open_step
+                      << ": cannot encode the mean: " << s.message();
+  }
+  Round round;
+  round.step = b.open_step;
+  round.contributors = count;
+  if (s.ok()) {
+    round.encoded = compression::Serialize(encoded, compression::Checksum::kCrc32);
+  }
+  b.history.push_back(std::move(round));
+  while (static_cast<int>(b.history.size()) > options_.history) b.history.pop_front();
+  ++b.open_step;
+  b.pushed.clear();
+  b.sum.clear();
+  b.sum.shrink_to_fit();
+  b.opened_at = -1;
+  ++version_;
+  if (!options_.checkpoint_dir.empty() &&
+      version_ % static_cast<uint64_t>(options_.checkpoint_every) == 0) {
+    if (absl::Status w = WriteCheckpointLocked(); !w.ok()) {
+      QTRAIN_LOG(ERROR) << "checkpoint failed (training continues): " << w.message();
+    }
+  }
+  return absl::OkStatus();
+}
+
+void ServerCore::MaybeCloseSync(uint32_t bucket_id, Bucket& b, bool deadline_only) {
+  if (b.pushed.empty()) return;
+  const bool deadline =
+      b.opened_at >= 0 && Now() - b.opened_at >= options_.step_deadline_seconds;
+  bool all = false;
+  if (!deadline_only && QuorumReady()) {
+    all = true;
+    for (const auto& [id, w] : workers_) {
+      if (w.live && b.pushed.count(id) == 0) {
+        all = false;
+        break;
+      }
+    }
+  }
+  if (deadline || all) {
+    if (!all) {
+      QTRAIN_LOG(WARNING) << "bucket " << bucket_id << " step " << b.open_step
+                          << " closed by the deadline with " << b.pushed.size() << " of "
+                          << LiveCount() << " live workers";
+    }
+    (void)CloseRound(bucket_id, b);
+  }
+}
+
+absl::Status ServerCore::Pull(const pb::PullRequest& request, pb::PullResponse* response) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (absl::Status s = CheckToken(request.token()); !s.ok()) return Reject(s);
+  if (absl::Status s = CheckShard(request.shard()); !s.ok()) return Reject(s);
+  if (request.step() < 0) {
+    return Reject(Refuse(absl::StatusCode::kInvalidArgument, pb::BAD_REQUEST,
+                         absl::StrCat("negative step ", request.step())));
+  }
+  if (absl::Status s = CheckWorker(request.worker_id()); !s.ok()) return Reject(s);
+  auto it = buckets_.find(request.bucket());
+  response->set_version(version_);
+  if (it == buckets_.end()) {
+    if (static_cast<int64_t>(request.bucket() % options_.num_shards) != options_.shard) {
+      return Reject(Refuse(absl::StatusCode::kInvalidArgument, pb::WRONG_SHARD,
+                           absl::StrCat("bucket ", request.bucket(), " is not owned by shard ",
+                                        options_.shard)));
+    }
+    response->set_ready(false);
+    response->set_need_push(true);
+    response->set_open_step(-1);
+    return absl::OkStatus();
+  }
+  const Bucket& b = it->second;
+  const int64_t step = request.step();
+  response->set_open_step(b.open_step);
+  auto find_round = [&b](int64_t s) -> const Round* {
+    for (const Round& r : b.history) {
+      if (r.step == s) return &r;
+    }
+    return nullptr;
+  };
+  if (b.open_step < 0 || step >= b.open_step) {
+    response->set_ready(false);
+    if (options_.mode == PsMode::kSync) {
+      response->set_need_push(b.open_step < 0 || step > b.open_step ||
+                               b.pushed.count(request.worker_id()) == 0);
+    }
+    return absl::OkStatus();
+  }
+  const int64_t last = options_.mode == PsMode::kSync ? step + 1 : b.open_step;
+  for (int64_t s = step; s < last; ++s) {
+    const Round* r = find_round(s);
+    if (r == nullptr) {
+      return Reject(Refuse(absl::StatusCode::kFailedPrecondition, pb::HISTORY_LOST,
+                           absl::StrCat("bucket ", request.bucket(), " round ", s,
+                                        " is no longer kept (rounds ",
+                                        b.history.empty() ? -1 : b.history.front().step, "..",
+                                        b.open_step - 1, " are)")));
+    }
+    if (r->encoded.empty()) {
+      return Reject(absl::InternalError(absl::StrCat(
+          "bucket ", request.bucket(), " round ", s, " has no result (its mean was not finite)")));
+    }
+    if (!response->add_updates()->ParseFromString(r->encoded)) {
+      return Reject(absl::InternalError("a kept round result does not parse"));
+    }
+    response->set_contributors(r->contributors);
+  }
+  response->set_ready(true);
+  return absl::OkStatus();
+}
+
+absl::Status ServerCore::Heartbeat(const pb::HeartbeatRequest& request,
+                                   pb::HeartbeatResponse* response) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (absl::Status s = CheckToken(request.token()); !s.ok()) return Reject(s);
+  if (absl::Status s = CheckShard(request.shard()); !s.ok()) return Reject(s);
+  if (absl::Status s = CheckWorker(request.worker_id()); !s.ok()) return Reject(s);
+  response->set_version(version_);
+  response->set_live(LiveCount());
+  return absl::OkStatus();
+}
+
+absl::Status ServerCore::Leave(const pb::LeaveRequest& request, pb::LeaveResponse* response) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (absl::Status s = CheckToken(request.token()); !s.ok()) return Reject(s);
+  if (absl::Status s = CheckShard(request.shard()); !s.ok()) return Reject(s);
+  if (absl::Status s = CheckWorker(request.worker_id()); !s.ok()) return Reject(s);
+  workers_[request.worker_id()].live = false;
+  QTRAIN_LOG(INFO) << "worker " << request.worker_id() << " left";
+  // The rounds and collectives waiting for it may close now.
+  for (auto& [id, b] : buckets_) {
+    if (options_.mode == PsMode::kSync) MaybeCloseSync(id, b, false);
+  }
+  for (auto& [seq, c] : collectives_) MaybeCloseCollective(seq, c, false);
+  Changed();
+  return absl::OkStatus();
+}
+
+void ServerCore::Tick() {
+  std::lock_guard<std::mutex> lock(mu_);
+  const double now = Now();
+  bool changed = false;
+  for (auto& [id, w] : workers_) {
+    if (w.live && now - w.last_seen > options_.heartbeat_timeout_seconds) {
+      w.live = false;
+      changed = true;
+      QTRAIN_LOG(WARNING) << "worker " << id << " dropped from the quorum: silent for "
+                          << now - w.last_seen << " s";
+    }
+  }
+  const uint64_t before = version_;
+  if (options_.mode == PsMode::kSync) {
+    for (auto& [id, b] : buckets_) MaybeCloseSync(id, b, /*deadline_only=*/!changed);
+  }
+  for (auto& [seq, c] : collectives_) {
+    const bool was_closed = c.closed;
+    MaybeCloseCollective(seq, c, now - c.opened_at >= options_.step_deadline_seconds);
+    changed = changed || (c.closed && !was_closed);
+  }
+  if (changed || version_ != before) Changed();
+}
+
+void ServerCore::MaybeCloseCollective(uint64_t seq, CollectiveState& c, bool deadline_passed) {
+  if (c.closed || c.contributions.empty()) return;
+  bool all = QuorumReady();
+  for (const auto& [id, w] : workers_) {
+    if (w.live && c.contributions.count(id) == 0) all = false;
+  }
+  if (!all && !deadline_passed) return;
+  c.closed = true;
+  const int contributors = static_cast<int>(c.contributions.size());
+  c.result.set_ready(true);
+  c.result.set_contributors(contributors);
+  switch (c.kind) {
+    case pb::COLLECTIVE_SUM: {
+      // Worker id order (std::map): every worker gets the same bits. Missing workers' shares
+      // are extrapolated so that sum / world_size stays a mean of the contributors.
+      std::vector<double> sum(c.size, 0.0);
+      for (const auto& [id, r] : c.contributions) {
+        for (uint64_t i = 0; i < c.size; ++i) sum[i] += r.values(static_cast<int>(i));
+      }
+      if (contributors < options_.world_size) {
+        const double scale = static_cast<double>(options_.world_size) / contributors;
+        for (double& v : sum) v *= scale;
+      }
+      c.result.mutable_values()->Assign(sum.begin(), sum.end());
+      break;
+    }
+    case pb::COLLECTIVE_GATHER_U64: {
+      // A missing rank's slot holds the lowest contributing rank's value (so a comparison across
+      // ranks covers exactly the contributors).
+      const uint64_t fill = c.contributions.begin()->second.value_u64();
+      std::vector<uint64_t> all(static_cast<size_t>(options_.world_size), fill);
+      for (const auto& [id, r] : c.contributions) all[static_cast<size_t>(id)] = r.value_u64();
+      c.result.mutable_gathered()->Assign(all.begin(), all.end());
+      break;
+    }
+    case pb::COLLECTIVE_BROADCAST: {
+      auto root = c.contributions.find(c.root);
+      if (root == c.contributions.end()) {
+        c.error = absl::UnavailableError(absl::StrCat("collective ", seq, ": broadcast root ",
+                                                      c.root, " never contributed"));
+      } else {
+        c.result.set_data(root->second.data());
+      }
+      break;
+    }
+    default:
+      break;
+  }
+  for (const auto& [id, r] : c.contributions) c.contributors.insert(id);
+  c.contributions.clear();
+  // Keep only the newest closed results.
+  int closed = 0;
+  for (auto it = collectives_.rbegin(); it != collectives_.rend(); ++it) closed += it->second.closed;
+  while (closed > options_.collective_history) {
+    auto oldest = collectives_.begin();
+    if (!oldest->second.closed) break;
+    collectives_.erase(oldest);
+    --closed;
+  }
+}
+
+absl::Status ServerCore::Collective(const pb::CollectiveRequest& request,
+                                    pb::CollectiveResponse* response) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (absl::Status s = CheckToken(request.token()); !s.ok()) return Reject(s);
+  if (absl::Status s = CheckShard(request.shard()); !s.ok()) return Reject(s);
+  if (options_.shard != 0) {
+    return Reject(Refuse(absl::StatusCode::kInvalidArgument, pb::WRONG_SHARD,
+                         "collectives are served by shard 0"));
+  }
+  if (absl::Status s = CheckWorker(request.worker_id()); !s.ok()) return Reject(s);
+  const pb::CollectiveKind kind = request.kind();
+  if (kind != pb::COLLECTIVE_SUM && kind != pb::COLLECTIVE_GATHER_U64 &&
+      kind != pb::COLLECTIVE_BROADCAST && kind != pb::COLLECTIVE_BARRIER) {
+    return Reject(Refuse(absl::StatusCode::kInvalidArgument, pb::BAD_REQUEST,
+                         absl::StrCat("unknown collective kind ", static_cast<int>(kind))));
+  }
+  if (kind == pb::COLLECTIVE_SUM && static_cast<uint64_t>(request.values_size()) != request.size()) {
+    return Reject(Refuse(absl::StatusCode::kInvalidArgument, pb::BAD_REQUEST,
+                         "sum: values and size disagree"));
+  }
+  if (kind == pb::COLLECTIVE_BROADCAST) {
+    if (request.root() < 0 || request.root() >= options_.world_size) {
+      return Reject(Refuse(absl::StatusCode::kInvalidArgument, pb::BAD_REQUEST,
+                           absl::StrCat("broadcast root ", request.root(), " is not a rank")));
+    }
+    if (request.worker_id() == request.root() && request.data().size() != 4 * request.size()) {
+      return Reject(Refuse(absl::StatusCode::kInvalidArgument, pb::BAD_REQUEST,
+                           "broadcast: data and size disagree"));
+    }
+  }
+  if (request.size() > options_.max_message_bytes) {
+    return Reject(Refuse(absl::StatusCode::kInvalidArgument, pb::BAD_REQUEST, "collective too large"));
+  }
+  auto it = collectives_.find(request.seq());
+  if (it == collectives_.end()) {
+    if (!collectives_.empty() && request.seq() < collectives_.begin()->first &&
+        collectives_.begin()->second.closed) {
+      return Reject(Refuse(absl::StatusCode::kFailedPrecondition, pb::HISTORY_LOST,
+                           absl::StrCat("collective ", request.seq(), " is no longer kept")));
+    }
+    CollectiveState c;
+    c.kind = kind;
+    c.root = request.root();
+    c.size = request.size();
+    c.opened_at = Now();
+    it = collectives_.emplace(request.seq(), std::move(c)).first;
+  }
+  CollectiveState& c = it->second;
+  if (c.kind != kind || c.size != request.size() || c.root != request.root()) {
+    return Reject(absl::FailedPreconditionError(absl::StrCat(
+        "collective ", request.seq(), " is a ", pb::CollectiveKind_Name(c.kind), " of ", c.size,
+        " elements; this worker called ", pb::CollectiveKind_Name(kind), " of ", request.size(),
+        " (workers call collectives in different orders)")));
+  }
+  if (!c.closed) {
+    if (c.contributions.count(request.worker_id()) == 0) {
+      c.contributions.emplace(request.worker_id(), request);
+      MaybeCloseCollective(request.seq(), c, Now() - c.opened_at >= options_.step_deadline_seconds);
+      Changed();
+    }
+  }
+  if (!c.closed) {
+    response->set_ready(false);
+    return absl::OkStatus();
+  }
+  if (!c.error.ok()) return c.error;
+  *response = c.result;
+  if (c.kind == pb::COLLECTIVE_GATHER_U64 && c.contributors.count(request.worker_id()) == 0) {
+    // A late worker (dropped while the gather closed) sees its own value in its own slot, so its
+    // comparison with the others (the trainer's weight-hash check) still means something.
+    response->set_gathered(request.worker_id(), request.value_u64());
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ServerCore::GetStatus(const pb::StatusRequest& request,
+                                   pb::StatusResponse* response) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (absl::Status s = CheckToken(request.token()); !s.ok()) return Reject(s);
+  response->set_shard(static_cast<uint32_t>(options_.shard));
+  response->set_num_shards(static_cast<uint32_t>(options_.num_shards));
+  response->set_mode(options_.mode == PsMode::kSync ? pb::PS_MODE_SYNC : pb::PS_MODE_ASYNC);
+  response->set_codec_spec(options_.codec_spec);
+  response->set_version(version_);
+  response->set_world_size(options_.world_size);
+  response->set_registered(static_cast<int32_t>(workers_.size()));
+  response->set_live(LiveCount());
+  for (const auto& [id, w] : workers_) {
+    if (w.live) response->add_live_workers(id);
+  }
+  for (const auto& [id, b] : buckets_) {
+    pb::BucketStatus* s = response->add_buckets();
+    s->set_bucket(id);
+    s->set_elements(b.elements);
+    s->set_open_step(b.open_step);
+    s->set_pushed(static_cast<int32_t>(b.pushed.size()));
+  }
+  response->set_state_hash(StateHashLocked());
+  response->set_rejected_requests(rejected_);
+  response->set_checkpoints_written(checkpoints_);
+  response->set_restored(restored_);
+  return absl::OkStatus();
+}
+
+uint64_t ServerCore::StateHashLocked() const {
+  uint64_t h = FnvValue(kFnvOffset, version_);
+  for (const auto& [id, b] : buckets_) {
+    h = FnvValue(h, id);
+    h = FnvValue(h, b.elements);
+    h = FnvValue(h, b.open_step);
+    h = Fnv(h, b.sum.data(), 4 * b.sum.size());
+    for (int w : b.pushed) h = FnvValue(h, w);
+    for (const Round& r : b.history) {
+      h = FnvValue(h, r.step);
+      h = Fnv(h, r.encoded.data(), r.encoded.size());
+    }
+    std::span<const float> residual = codec_->Residual(BucketKey(id));
+    h = Fnv(h, residual.data(), 4 * residual.size());
+  }
+  for (const auto& [id, w] : workers_) {
+    h = FnvValue(h, id);
+    h = FnvValue(h, w.live);
+  }
+  return h;
+}
+
+absl::Status ServerCore::WriteCheckpoint() {
+  std::lock_guard<std::mutex> lock(mu_);
+  return WriteCheckpointLocked();
+}
+
+absl::Status ServerCore::WriteCheckpointLocked() {
+  if (options_.checkpoint_dir.empty()) return absl::OkStatus();
+  std::error_code ec;
+  std::filesystem::create_directories(options_.checkpoint_dir, ec);
+  if (ec) {
+    return absl::UnavailableError(absl::StrCat("cannot create --checkpoint_dir ",
+                                               options_.checkpoint_dir, ": ", ec.message()));
+  }
+  pb::PsCheckpoint ckpt;
+  ckpt.set_shard(static_cast<uint32_t>(options_.shard));
+  ckpt.set_num_shards(static_cast<uint32_t>(options_.num_shards));
+  ckpt.set_codec_spec(options_.codec_spec);
+  ckpt.set_mode(options_.mode == PsMode::kSync ? pb::PS_MODE_SYNC : pb::PS_MODE_ASYNC);
+  ckpt.set_version(version_);
+  ckpt.set_world_size(options_.world_size);
+  for (const auto& [id, b] : buckets_) {
+    pb::PsCheckpoint::Bucket* out = ckpt.add_buckets();
+    out->set_bucket(id);
+    out->set_elements(b.elements);
+    out->set_open_step(b.open_step);
+    std::span<const float> residual = codec_->Residual(BucketKey(id));
+    out->mutable_residual()->Assign(residual.begin(), residual.end());
+  }
+  for (const auto& [id, w] : workers_) ckpt.add_workers(id);
+  RETURN_IF_ERROR(WriteFramedFile(ServerCheckpointPath(options_.checkpoint_dir, options_.shard),
+                                  kCheckpointFormat, ckpt.SerializeAsString()));
+  ++checkpoints_;
+  return absl::OkStatus();
+}
+
+absl::Status ServerCore::Restore() {
+  const std::string path = ServerCheckpointPath(options_.checkpoint_dir, options_.shard);
+  if (!std::filesystem::exists(path)) return absl::OkStatus();
+  ASSIGN_OR_RETURN(FramedBody body, ReadFramedFile(path, kCheckpointFormat, kMaxCheckpointBytes));
+  pb::PsCheckpoint ckpt;
+  if (!ckpt.ParseFromString(body.body)) {
+    return absl::DataLossError(absl::StrCat("server checkpoint ", path, " does not parse"));
+  }
+  const PsMode mode = ckpt.mode() == pb::PS_MODE_ASYNC ? PsMode::kAsync : PsMode::kSync;
+  if (static_cast<int>(ckpt.shard()) != options_.shard ||
+      static_cast<int>(ckpt.num_shards()) != options_.num_shards ||
+      ckpt.codec_spec() != options_.codec_spec || mode != options_.mode ||
+      ckpt.world_size() != options_.world_size) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "server checkpoint ", path, " is for shard ", ckpt.shard(), " of ", ckpt.num_shards(),
+        ", codec '", ckpt.codec_spec(), "', ", ckpt.world_size(), " workers, mode ",
+        pb::PsMode_Name(ckpt.mode()), "; this server is shard ", options_.shard, " of ",
+        options_.num_shards, ", codec '", options_.codec_spec, "', ", options_.world_size,
+        " workers (use another --checkpoint_dir or the same flags)"));
+  }
+  for (const pb::PsCheckpoint::Bucket& in : ckpt.buckets()) {
+    if (in.elements() < 0 || static_cast<uint64_t>(in.residual_size()) > uint64_t(in.elements()) ||
+        in.bucket() % ckpt.num_shards() != ckpt.shard()) {
+      return absl::DataLossError(absl::StrCat("server checkpoint ", path, ": bucket ",
+                                              in.bucket(), " is inconsistent"));
+    }
+    Bucket& b = buckets_[in.bucket()];
+    b.elements = in.elements();
+    b.open_step = -1;  // resync from the first push
+    if (in.residual_size() > 0) {
+      std::vector<float> residual(in.residual().begin(), in.residual().end());
+      RETURN_IF_ERROR(codec_->SetResidual(BucketKey(in.bucket()), residual));
+    }
+  }
+  const double now = Now();
+  for (int id : ckpt.workers()) {
+    if (id < 0 || id >= options_.world_size) {
+      return absl::DataLossError(absl::StrCat("server checkpoint ", path, ": worker id ", id));
+    }
+    workers_[id] = Worker{true, now};
+  }
+  version_ = ckpt.version();
+  restored_ = true;
+  QTRAIN_LOG(INFO) << "restored " << path << ": version " << version_ << ", "
+                   << buckets_.size() << " buckets, " << workers_.size() << " workers";
+  return absl::OkStatus();
+}
+
+}  // namespace qtrain::server
