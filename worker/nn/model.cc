@@ -62,6 +62,28 @@ std::unique_ptr<Sequential> BuildMlp(const ModelSpec& spec, const LayerFactory& 
   return net;
 }
 
+// mlp-wide: three hidden layers of kWideHidden units.
+constexpr int64_t kWideHidden = 4096;
+
+std::unique_ptr<Sequential> BuildMlpWide(const ModelSpec& spec, const LayerFactory& f,
+                                         std::mt19937_64& rng) {
+  auto net = std::make_unique<Sequential>(spec.name);
+  net->Emplace<Flatten>("flatten");
+  net->Add(f.MakeLinear(
+      "fc1", LinearOptions{.in_features = NumElements(spec.input), .out_features = kWideHidden},
+      rng, kFirst));
+  AddActivation(net.get(), f, "relu1", kMiddle);
+  const LinearOptions hidden{.in_features = kWideHidden, .out_features = kWideHidden};
+  net->Add(f.MakeLinear("fc2", hidden, rng, kMiddle));
+  AddActivation(net.get(), f, "relu2", kMiddle);
+  net->Add(f.MakeLinear("fc3", hidden, rng, kMiddle));
+  AddActivation(net.get(), f, "relu3", kLast);
+  net->Add(f.MakeLinear(
+      "fc4", LinearOptions{.in_features = kWideHidden, .out_features = spec.num_classes}, rng,
+      kLast));
+  return net;
+}
+
 std::unique_ptr<Sequential> BuildCnn(const ModelSpec& spec, const LayerFactory& f,
                                      std::mt19937_64& rng) {
   auto net = std::make_unique<Sequential>(spec.name);
@@ -168,7 +190,7 @@ void SummaryRows(const Layer& layer, const std::string& prefix, const Shape& inp
 
 }  // namespace
 
-std::vector<std::string> ModelNames() { return {"mlp", "cnn", "resnet20"}; }
+std::vector<std::string> ModelNames() { return {"mlp", "cnn", "resnet20", "mlp-wide"}; }
 
 absl::StatusOr<std::unique_ptr<Sequential>> BuildModel(const ModelSpec& spec) {
   if (spec.input.size() != 3 || spec.input[0] < 1 || spec.input[1] < 1 || spec.input[2] < 1) {
@@ -190,6 +212,8 @@ absl::StatusOr<std::unique_ptr<Sequential>> BuildModel(const ModelSpec& spec) {
     net = BuildCnn(spec, factory, rng);
   } else if (spec.name == "resnet20") {
     net = BuildResnet20(spec, factory, rng);
+  } else if (spec.name == "mlp-wide") {
+    net = BuildMlpWide(spec, factory, rng);
   } else {
     return absl::InvalidArgumentError(absl::StrCat(
         "unknown model '", spec.name, "'; valid models: ", absl::StrJoin(ModelNames(), ", ")));

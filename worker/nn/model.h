@@ -8,6 +8,11 @@
 //               basic blocks (Residual) with 16/32/64 channels and strides 1/2/2, global average
 //               pooling, linear 64->classes. Any channel count and size the convolutions accept
 //               (e.g. 1x28x28 or 3x32x32). Shortcuts per ModelSpec::resnet_shortcut.
+//   "mlp-wide": the communication-heavy model of the scaling benchmark (deploy/scaling-bench.sh):
+//               flatten, linear C*H*W->4096, relu, linear 4096->4096, relu, linear 4096->4096,
+//               relu, linear 4096->classes. 36,818,954 parameters at 1x28x28 / 10 classes
+//               (3,215,360 + 2 x 16,781,312 + 40,970), 46,190,602 at 3x32x32: ~147 MB of fp32
+//               gradient per step against ~7 GFLOP of compute per 32 images.
 //
 // Quantized variants come from ModelSpec::factory (see layer_factory.h): it supplies every conv
 // and linear layer (told whether it is the first or last) and the activation in front of each.
@@ -33,7 +38,7 @@
 namespace qtrain::nn {
 
 struct ModelSpec {
-  std::string name;  // "mlp", "cnn" or "resnet20"
+  std::string name;  // one of ModelNames(): "mlp", "cnn", "resnet20", "mlp-wide"
   Shape input;       // one example: {C, H, W}
   int num_classes = 10;
   uint64_t seed = 0;  // for the weight initialisation

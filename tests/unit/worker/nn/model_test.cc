@@ -1,5 +1,6 @@
 #include "worker/nn/model.h"
 
+#include <algorithm>
 #include <random>
 #include <set>
 #include <string>
@@ -34,6 +35,8 @@ struct ModelCase {
 //   resnet20 3x32x32: stem 432+32, stage1 3*(2*2304+64), stage2 4608+9216+128 +
 //                     2*(2*9216+128), stage3 18432+36864+256 + 2*(2*36864+256), fc 650 = 269,722
 //   resnet20 1x28x28: the stem conv has 144 instead of 432 weights                  = 269,434
+//   mlp-wide 784:  784*4096+4096 + 2*(4096*4096+4096) + 4096*10+10                  = 36,818,954
+//   mlp-wide 3072: 3072*4096+4096 + 2*(4096*4096+4096) + 4096*10+10                 = 46,190,602
 class ModelCaseTest : public ::testing::TestWithParam<ModelCase> {};
 
 TEST_P(ModelCaseTest, ShapeAndParameterCount) {
@@ -66,9 +69,13 @@ INSTANTIATE_TEST_SUITE_P(Models, ModelCaseTest,
                                            ModelCase{"cnn", {1, 28, 28}, 870826},
                                            ModelCase{"cnn", {3, 32, 32}, 1117162},
                                            ModelCase{"resnet20", {3, 32, 32}, 269722},
-                                           ModelCase{"resnet20", {1, 28, 28}, 269434}),
+                                           ModelCase{"resnet20", {1, 28, 28}, 269434},
+                                           ModelCase{"mlp-wide", {1, 28, 28}, 36818954},
+                                           ModelCase{"mlp-wide", {3, 32, 32}, 46190602}),
                          [](const ::testing::TestParamInfo<ModelCase>& info) {
-                           return info.param.name + "_" + std::to_string(info.param.input[0]) +
+                           std::string name = info.param.name;
+                           std::replace(name.begin(), name.end(), '-', '_');  // gtest names
+                           return name + "_" + std::to_string(info.param.input[0]) +
                                   "x" + std::to_string(info.param.input[1]);
                          });
 
@@ -93,7 +100,7 @@ TEST(ModelTest, Errors) {
   // 2x2 pools to 1x1 and then cannot pool again.
   EXPECT_THAT(BuildModel({.name = "cnn", .input = {1, 2, 2}}),
               StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("pool2")));
-  EXPECT_EQ(ModelNames(), (std::vector<std::string>{"mlp", "cnn", "resnet20"}));
+  EXPECT_EQ(ModelNames(), (std::vector<std::string>{"mlp", "cnn", "resnet20", "mlp-wide"}));
 }
 
 TEST(ModelTest, SameSeedSameModel) {
