@@ -1,5 +1,6 @@
 // qtrain: the worker binary. Flags are parsed here and only here; everything else takes
 // options structs. `qtrain --help` lists every flag with its default.
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -14,23 +15,30 @@
 #include "absl/flags/usage.h"
 #include "absl/flags/usage_config.h"
 #include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
 #include "common/logging.h"
 #include "common/status_macros.h"
 #include "common/timer.h"
 #include "worker/comm/bucket_codec.h"
 #include "worker/comm/local_communicator.h"
 #include "worker/comm/mpi_communicator.h"
+#include "worker/comm/ps_communicator.h"
 #include "worker/data/data_spec.h"
 #include "worker/data/load_dataset.h"
 #include "worker/kernels/cpu/thread_pool.h"
 #include "worker/nn/model.h"
 #include "worker/quant/export_command.h"
+#include "worker/quant/ldnq/ldnq_command.h"
 #include "worker/quant/quant_factory.h"
+#include "worker/train/guided.h"
+#include "worker/train/schedule.h"
 #include "worker/train/trainer.h"
 
-ABSL_FLAG(std::string, model, "cnn", "Model: mlp, cnn or resnet20.");
+ABSL_FLAG(std::string, model, "cnn", "Model: mlp, cnn, resnet20 or mlp-wide.");
 ABSL_FLAG(std::string, data, "fashion-mnist",
           "Data set: fashion-mnist (/usr/share/datasets/fashion-mnist), fashion-mnist:<dir>, "
           "idx:<dir>, cifar10:<dir>, synthetic[:n=..,test=..,classes=..,shape=CxHxW,seed=..,noise=..].");
@@ -71,12 +79,57 @@ ABSL_FLAG(bool, fpsc, true,
 ABSL_FLAG(double, quantizer_lr_scale, 1.0,
           "Extra learning-rate factor for quantizer parameters (PACT alpha, QIL c/d/gamma; QIL's "
           "own 1/100 applies on top).");
+ABSL_FLAG(std::string, schedule, "none",
+          "Training schedule of Zhuang et al. 2018 toward the --quant/--wq/--aq target: none | ts "
+          "(two-stage: weights first, then activations) | pq (progressive, --bits) | pq+ts. Each "
+          "phase starts from the previous model; momentum and the --lr_schedule restart per phase.");
+ABSL_FLAG(std::string, stage_epochs, "",
+          "--schedule: epochs of each phase, e.g. 8,8 for ts (replaces --epochs: their sum).");
+ABSL_FLAG(std::string, bits, "",
+          "--schedule=pq|pq+ts: precision sequence from high to low, e.g. 32,8,4,2 (32 = full "
+          "precision); the last must give the target.");
+ABSL_FLAG(int, ts_act_bits, 32,
+          "--schedule=ts|pq+ts: activation bits of stage 1 (32 = full precision; else K above the "
+          "target's).");
+ABSL_FLAG(bool, guided, false,
+          "Guided training: a full-precision twin trained jointly; both minimise CE + "
+          "lambda/2 ||Q(mu) - nu||^2 at --guide_layers. One process only for now.");
+ABSL_FLAG(double, lambda, 1.0, "--guided: weight of the guidance loss.");
+ABSL_FLAG(std::string, guide_layers, "",
+          "--guided: guidance points, layer names (default: resnet20 layer2.2,layer3.2; cnn "
+          "relu4,relu5; mlp relu1,relu2).");
 
 ABSL_FLAG(std::string, out, "",
-          "qtrain export: the packed model file to write (default <checkpoint_dir>/model.qpack).");
+          "qtrain export: the packed model file to write (default <checkpoint_dir>/model.qpack); "
+          "qtrain ldnq: the directory of the quantized checkpoint.");
 ABSL_FLAG(std::string, packed, "",
           "qtrain eval: also evaluate this packed model file (from qtrain export) on the low-bit "
           "kernels and compare its predictions with the checkpoint's.");
+ABSL_FLAG(std::string, calib, "0.01",
+          "qtrain ldnq: calibration images from the training split, a fraction (< 1) or a count.");
+ABSL_FLAG(int, levels, 3, "qtrain ldnq: weight levels per layer, alpha*{0,+-2^0..+-2^b}: 3, 5, 7 or 9.");
+ABSL_FLAG(std::string, method, "ldnq",
+          "qtrain ldnq: ldnq (ADMM + weights update), ldnq- (ADMM only) or dq (direct projection).");
+ABSL_FLAG(std::string, ldnq_first_last, "quantize",
+          "qtrain ldnq: quantize (every weight layer, as the paper) or fp (keep the first and last "
+          "weight layer full precision).");
+ABSL_FLAG(int64_t, retrain_epochs, 0,
+          "qtrain ldnq: epochs of label fine-tuning of the unquantized parameters on the "
+          "calibration images.");
+ABSL_FLAG(double, retrain_lr, 0.01, "qtrain ldnq: SGD learning rate of --retrain_epochs.");
+ABSL_FLAG(int64_t, update_epochs, 1,
+          "qtrain ldnq: epochs of the weights update (layers above, MSE to the FP logits) after "
+          "each layer.");
+ABSL_FLAG(double, update_lr, 0.001, "qtrain ldnq: SGD learning rate of the weights update.");
+ABSL_FLAG(double, admm_rho, 0, "qtrain ldnq: ADMM penalty rho (0: --admm_rho_scale * H[0][0]).");
+ABSL_FLAG(double, admm_rho_scale, 0.1,
+          "qtrain ldnq: rho = this * H[0][0] when --admm_rho is 0 (the authors' code: 1).");
+ABSL_FLAG(int, admm_alpha_starts, 4,
+          "qtrain ldnq: ADMM runs from this many initial alphas (mean|W| * 2^t, t in [-(b+1), 1]) "
+          "and keeps the best (the authors' code: 1).");
+ABSL_FLAG(int, admm_iters, 200, "qtrain ldnq: ADMM iteration limit per layer and alpha start.");
+ABSL_FLAG(int, admm_patience, 20,
+          "qtrain ldnq: stop ADMM after this many iterations without a lower objective.");
 
 ABSL_FLAG(std::string, codec, "fp32",
           "Gradient codec for data-parallel averaging: fp32 (plain allreduce) | fp16 | onebit | "
@@ -94,6 +147,15 @@ ABSL_FLAG(double, bucket_mb, 4,
 ABSL_FLAG(double, comm_timeout, 120,
           "Seconds any one collective may wait for its peers under mpirun; then the run ends with "
           "an error naming the rank, step and operation (never a silent hang).");
+ABSL_FLAG(std::string, ps, "",
+          "Parameter-server mode: host:port of each qserver, in shard order (h1:p1,h2:p2). The "
+          "workers push --codec gradients and pull the servers' mean (see qserver --help).");
+ABSL_FLAG(std::string, ps_token, "", "--ps: the servers' shared --token.");
+ABSL_FLAG(int, worker_id, -1, "--ps: this worker's rank in [0, workers) (-1: the server assigns).");
+ABSL_FLAG(std::string, ps_tls_ca, "", "--ps: PEM CA the servers' TLS certificates chain to (TLS on).");
+ABSL_FLAG(std::string, ps_tls_cert, "", "--ps: PEM client certificate (servers with --tls_ca).");
+ABSL_FLAG(std::string, ps_tls_key, "", "--ps: PEM private key of --ps_tls_cert.");
+ABSL_FLAG(double, ps_max_message_mb, 64, "--ps: gRPC message limit in MiB (as the servers').");
 
 namespace qtrain {
 namespace {
@@ -167,7 +229,8 @@ quant::ModelSource ModelSourceFromFlags() {
   return source;
 }
 
-// `qtrain export` and `qtrain eval`: the packed low-bit model (worker/quant/export_command.h).
+// `qtrain export` and `qtrain eval`: the packed low-bit model (worker/quant/export_command.h);
+// `qtrain ldnq`: L-DNQ post-training quantization (worker/quant/ldnq/ldnq_command.h).
 absl::Status RunSubcommand(const std::string& command) {
   if (command == "export") {
     quant::ExportCommandOptions options;
@@ -186,8 +249,34 @@ absl::Status RunSubcommand(const std::string& command) {
     options.packed = absl::GetFlag(FLAGS_packed);
     return quant::RunEvalCommand(options);
   }
+  if (command == "ldnq") {
+    quant::ldnq::LdnqCommandOptions options;
+    options.source = ModelSourceFromFlags();
+    options.checkpoint_dir = absl::GetFlag(FLAGS_checkpoint_dir);
+    options.out_dir = absl::GetFlag(FLAGS_out);
+    if (!absl::SimpleAtod(absl::GetFlag(FLAGS_calib), &options.calib)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--calib must be a number; got '", absl::GetFlag(FLAGS_calib), "'"));
+    }
+    options.seed = absl::GetFlag(FLAGS_seed);
+    options.levels = absl::GetFlag(FLAGS_levels);
+    ASSIGN_OR_RETURN(options.method, quant::ldnq::ParseLdnqMethod(absl::GetFlag(FLAGS_method)));
+    ASSIGN_OR_RETURN(options.first_last,
+                     quant::ldnq::ParseFirstLastPolicy(absl::GetFlag(FLAGS_ldnq_first_last)));
+    options.retrain_epochs = static_cast<int>(absl::GetFlag(FLAGS_retrain_epochs));
+    options.retrain_lr = absl::GetFlag(FLAGS_retrain_lr);
+    options.update_epochs = static_cast<int>(absl::GetFlag(FLAGS_update_epochs));
+    options.update_lr = absl::GetFlag(FLAGS_update_lr);
+    options.admm.rho = absl::GetFlag(FLAGS_admm_rho);
+    options.admm.rho_scale = absl::GetFlag(FLAGS_admm_rho_scale);
+    options.admm.alpha_starts = absl::GetFlag(FLAGS_admm_alpha_starts);
+    options.admm.max_iterations = absl::GetFlag(FLAGS_admm_iters);
+    options.admm.patience = absl::GetFlag(FLAGS_admm_patience);
+    options.metrics_path = absl::GetFlag(FLAGS_metrics);
+    return quant::ldnq::RunLdnqCommand(options);
+  }
   return absl::InvalidArgumentError(
-      absl::StrCat("unknown command '", command, "'; commands: export, eval (none: train)"));
+      absl::StrCat("unknown command '", command, "'; commands: export, eval, ldnq (none: train)"));
 }
 
 absl::Status RunTraining(const CommConfig& comm_config, comm::Communicator* communicator) {
@@ -197,6 +286,28 @@ absl::Status RunTraining(const CommConfig& comm_config, comm::Communicator* comm
                                           absl::GetFlag(FLAGS_aq), absl::GetFlag(FLAGS_fp_first_last),
                                           absl::GetFlag(FLAGS_fpsc)));
   ASSIGN_OR_RETURN(auto quant_factory, quant::QuantLayerFactory::Create(quant_config));
+  // Training schedules and guided training (worker/train/schedule.h, guided.h).
+  train::ScheduleOptions schedule_options;
+  ASSIGN_OR_RETURN(schedule_options.kind, train::ParseScheduleKind(absl::GetFlag(FLAGS_schedule)));
+  std::vector<train::SchedulePhase> phases;
+  if (schedule_options.kind != train::ScheduleKind::kNone) {
+    ASSIGN_OR_RETURN(schedule_options.stage_epochs,
+                     train::ParseIntList("stage_epochs", absl::GetFlag(FLAGS_stage_epochs)));
+    if (schedule_options.kind != train::ScheduleKind::kTwoStage) {
+      ASSIGN_OR_RETURN(std::vector<int64_t> bits,
+                       train::ParseIntList("bits", absl::GetFlag(FLAGS_bits)));
+      schedule_options.bits.assign(bits.begin(), bits.end());
+    }
+    schedule_options.ts_act_bits = absl::GetFlag(FLAGS_ts_act_bits);
+    ASSIGN_OR_RETURN(phases, train::MakeSchedule(schedule_options, quant_config));
+    quant_config = phases.back().quant;  // the target (pq's default base quantizer filled in)
+  } else if (!absl::GetFlag(FLAGS_stage_epochs).empty() || !absl::GetFlag(FLAGS_bits).empty()) {
+    return absl::InvalidArgumentError("--stage_epochs and --bits need --schedule");
+  }
+  const bool guided = absl::GetFlag(FLAGS_guided);
+  if (guided && phases.empty()) {  // one phase: the target, for --epochs
+    phases.push_back({"guided", absl::GetFlag(FLAGS_epochs), quant_config});
+  }
   ASSIGN_OR_RETURN(data::DataSpec spec, data::ParseDataSpec(absl::GetFlag(FLAGS_data)));
   data::LoadOptions load;
   load.max_train = absl::GetFlag(FLAGS_max_train);
@@ -228,6 +339,10 @@ absl::Status RunTraining(const CommConfig& comm_config, comm::Communicator* comm
 
   train::TrainerOptions options;
   options.epochs = absl::GetFlag(FLAGS_epochs);
+  if (!phases.empty()) {
+    options.epochs = 0;
+    for (const train::SchedulePhase& p : phases) options.epochs += p.epochs;
+  }
   options.batch_size = absl::GetFlag(FLAGS_batch_size);
   options.max_steps_per_epoch = absl::GetFlag(FLAGS_max_steps_per_epoch);
   options.lr.base_lr = static_cast<float>(absl::GetFlag(FLAGS_lr));
@@ -259,9 +374,50 @@ absl::Status RunTraining(const CommConfig& comm_config, comm::Communicator* comm
                                   " quant=", quant_config.ToString());
 
   train::ModelInfo info{model_spec.name, model_spec.input, model_spec.num_classes};
-  ASSIGN_OR_RETURN(auto trainer,
-                   train::Trainer::Create(model.get(), info, &splits, data::TrainAugmentation(spec),
-                                          options, cpu, communicator));
+  std::unique_ptr<train::Trainer> trainer;
+  if (phases.empty()) {
+    ASSIGN_OR_RETURN(trainer, train::Trainer::Create(model.get(), info, &splits,
+                                                     data::TrainAugmentation(spec), options, cpu,
+                                                     communicator));
+  } else {
+    model.reset();  // the trainer builds each phase's model
+    train::PhasePlan plan;
+    plan.description = train::ScheduleToString(phases);
+    for (const train::SchedulePhase& p : phases) {
+      plan.names.push_back(p.name);
+      plan.epochs.push_back(p.epochs);
+      plan.activation.push_back(p.quant.activation);
+    }
+    plan.build = [phases, model_spec](int i) -> absl::StatusOr<std::unique_ptr<nn::Layer>> {
+      ASSIGN_OR_RETURN(auto factory,
+                       quant::QuantLayerFactory::Create(phases[static_cast<size_t>(i)].quant));
+      nn::ModelSpec s = model_spec;
+      s.factory = factory.get();
+      ASSIGN_OR_RETURN(auto m, nn::BuildModel(s));
+      return std::unique_ptr<nn::Layer>(std::move(m));
+    };
+    std::unique_ptr<train::Guide> guide;
+    if (guided) {
+      train::GuideOptions g;
+      g.lambda = static_cast<float>(absl::GetFlag(FLAGS_lambda));
+      g.layers = train::DefaultGuideLayers(model_spec.name);
+      if (!absl::GetFlag(FLAGS_guide_layers).empty()) {
+        g.layers = absl::StrSplit(absl::GetFlag(FLAGS_guide_layers), ',');
+      }
+      g.sgd = options.sgd;
+      nn::ModelSpec fp_spec = model_spec;  // the same seed: the twin starts from the same weights
+      fp_spec.factory = nullptr;
+      ASSIGN_OR_RETURN(auto fp_model, nn::BuildModel(fp_spec));
+      ASSIGN_OR_RETURN(guide, train::Guide::Create(g, std::move(fp_model)));
+      absl::StrAppend(&plan.description, ";guided lambda=", g.lambda, " layers=",
+                      absl::StrJoin(g.layers, ","));
+    }
+    absl::StrAppend(&options.settings, " schedule=", plan.description);
+    QTRAIN_LOG(INFO) << "schedule: " << plan.description << " (" << options.epochs << " epochs)";
+    ASSIGN_OR_RETURN(trainer, train::Trainer::CreatePhased(std::move(plan), std::move(guide), info,
+                                                           &splits, data::TrainAugmentation(spec),
+                                                           options, cpu, communicator));
+  }
   if (!communicator->IsIdentity()) {
     QTRAIN_LOG(INFO) << communicator->Describe() << "; " << trainer->Buckets().size()
                      << " gradient buckets of up to " << comm_config.bucket_mb << " MiB";
@@ -287,6 +443,11 @@ absl::Status RunTraining(const CommConfig& comm_config, comm::Communicator* comm
       absl::StrFormat("%.1fs", s.seconds).c_str(), s.images_per_second, s.ranks,
       comm_config.codec.c_str(), traffic.c_str(), s.encode_seconds, s.communicate_seconds,
       s.decode_seconds);
+  if (guided) {
+    std::printf("guided: full-precision twin final_test_accuracy=%.2f%% test_loss=%.4f "
+                "guidance_loss=%.5g\n",
+                100 * s.fp_test_accuracy, s.fp_test_loss, s.guidance_loss);
+  }
   std::fflush(stdout);
   return absl::OkStatus();
 }
@@ -308,6 +469,7 @@ int main(int argc, char** argv) {
       "  mpirun -np 4 qtrain --codec=onebit [--flags]   4 ranks averaging 1-bit gradients\n"
       "  qtrain export --checkpoint_dir=D [--out=F] [model/quant flags]   packed low-bit model\n"
       "  qtrain eval --checkpoint_dir=D [--packed=F] [model/quant flags]  test accuracy of both\n"
+      "  qtrain ldnq --checkpoint_dir=D --out=O [--calib=600 --levels=3 --method=ldnq]  L-DNQ\n"
       "Every flag is listed below with its default.");
   std::vector<char*> positional = absl::ParseCommandLine(argc, argv);
   if (positional.size() > 2) {
@@ -326,6 +488,40 @@ int main(int argc, char** argv) {
   if (!config.ok()) {
     std::fprintf(stderr, "qtrain: %s\n", config.status().ToString().c_str());
     return 1;
+  }
+  if (!absl::GetFlag(FLAGS_ps).empty()) {
+    // Parameter-server mode (worker/comm/ps_communicator.h).
+    qtrain::comm::PsOptions ps;
+    ps.token = absl::GetFlag(FLAGS_ps_token);
+    ps.worker_id = absl::GetFlag(FLAGS_worker_id);
+    ps.codec_spec = config->codec;
+    ps.error_feedback = config->feedback;
+    ps.seed = absl::GetFlag(FLAGS_seed);
+    ps.timeout_seconds = config->timeout_seconds;
+    ps.tls_ca = absl::GetFlag(FLAGS_ps_tls_ca);
+    ps.tls_cert = absl::GetFlag(FLAGS_ps_tls_cert);
+    ps.tls_key = absl::GetFlag(FLAGS_ps_tls_key);
+    ps.max_message_bytes =
+        static_cast<uint64_t>(std::clamp(absl::GetFlag(FLAGS_ps_max_message_mb), 1.0, 2047.0) *
+                              1024 * 1024);
+    absl::StatusOr<std::vector<std::string>> servers =
+        qtrain::comm::ParsePsServers(absl::GetFlag(FLAGS_ps));
+    absl::Status status = servers.status();
+    if (servers.ok()) {
+      ps.servers = *servers;
+      absl::StatusOr<std::unique_ptr<qtrain::comm::Communicator>> communicator =
+          qtrain::comm::CreatePsCommunicator(ps);
+      if (communicator.ok() && (*communicator)->rank() != 0) {
+        qtrain::SetMinLogSeverity(qtrain::LogSeverity::kWarning);
+      }
+      status = communicator.ok() ? qtrain::RunTraining(*config, communicator->get())
+                                 : communicator.status();
+    }
+    if (!status.ok()) {
+      std::fprintf(stderr, "qtrain: %s\n", status.ToString().c_str());
+      return 1;
+    }
+    return 0;
   }
   if (!qtrain::comm::LaunchedByMpirun()) {
     qtrain::comm::LocalOptions local;

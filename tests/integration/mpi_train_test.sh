@@ -10,8 +10,6 @@ mpirun=${2:-mpirun}
 data=/usr/share/datasets/fashion-mnist
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-passed=0
-failed=0
 
 # Root in containers needs the two ALLOW variables; the vader BTL's single-copy (CMA) path needs
 # ptrace rights that containers often lack.
@@ -19,28 +17,7 @@ export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 export OMPI_MCA_btl_vader_single_copy_mechanism=none
 mpi=(timeout 60 "$mpirun" -np 4 --oversubscribe)
 
-check() {  # check <name> <expected exit: a number, or "fail" for any non-zero but 124> <regex> -- command...
-  local name=$1 want=$2 pattern=$3
-  shift 4
-  local out rc ok=0 start=$SECONDS
-  out=$("$@" 2>&1)
-  rc=$?
-  if [ "$want" = fail ]; then
-    [ "$rc" -ne 0 ] && [ "$rc" -ne 124 ] && ok=1
-  else
-    [ "$rc" -eq "$want" ] && ok=1
-  fi
-  # The pattern is matched against the whole output joined into one line.
-  if [ "$ok" -eq 1 ] && grep -Eq -- "$pattern" <<<"$(tr '\n' ' ' <<<"$out")"; then
-    passed=$((passed + 1))
-    echo "ok   $name ($((SECONDS - start)) s)"
-  else
-    failed=$((failed + 1))
-    echo "FAIL $name: exit $rc (want $want), output did not match /$pattern/:"
-    tail -n 8 <<<"$out"
-  fi
-  last_output=$out
-}
+source "$(dirname "$0")/check_lib.sh"
 
 if [ ! -d "$data" ]; then
   echo "fashion-mnist is not installed at $data (deploy/install-deps.sh installs it)"
@@ -98,5 +75,4 @@ if [ $((SECONDS - start)) -gt 30 ]; then
   echo "FAIL stalled rank: the job took $((SECONDS - start)) s to end (want < 30 s)"
 fi
 
-echo "$passed passed, $failed failed"
-[ "$failed" -eq 0 ]
+finish

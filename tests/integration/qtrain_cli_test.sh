@@ -7,23 +7,8 @@ qtrain=$1
 data=/usr/share/datasets/fashion-mnist
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-passed=0
-failed=0
 
-check() {  # check <name> <expected exit code> <regex the output must match> -- command...
-  local name=$1 want=$2 pattern=$3
-  shift 4
-  local out rc
-  out=$("$@" 2>&1)
-  rc=$?
-  if [ "$rc" -eq "$want" ] && grep -Eq -- "$pattern" <<<"$out"; then
-    passed=$((passed + 1))
-  else
-    failed=$((failed + 1))
-    echo "FAIL $name: exit $rc (want $want), output did not match /$pattern/:"
-    tail -n 5 <<<"$out"
-  fi
-}
+source "$(dirname "$0")/check_lib.sh"
 
 if [ ! -d "$data" ]; then
   echo "fashion-mnist is not installed at $data (deploy/install-deps.sh installs it)"
@@ -32,7 +17,7 @@ fi
 common=(--max_train=512 --max_test=300 --batch_size=64 --threads=2 --progress=false)
 
 # Abseil's flag library prints the help and exits with status 1.
-check "help lists flags" 1 "--model \(Model: mlp, cnn or resnet20" -- "$qtrain" --help
+check "help lists flags" 1 "--model \(Model: mlp, cnn, resnet20 or mlp-wide" -- "$qtrain" --help
 check "short run learns" 0 "final_test_accuracy=([5-9][0-9]|100)\." -- \
   "$qtrain" --model=cnn --epochs=2 "${common[@]}" --checkpoint_dir="$work/ck" --metrics="$work/m.jsonl"
 check "metrics file has epoch records" 0 '"type":"epoch"' -- cat "$work/m.jsonl"
@@ -67,5 +52,4 @@ check "missing data directory" 1 "NOT_FOUND" -- "$qtrain" --data=idx:"$work/none
 check "bad data spec lists forms" 1 "fashion-mnist" -- "$qtrain" --data=mnist "${common[@]}"
 check "bad lr schedule" 1 "valid: constant, cosine" -- "$qtrain" --lr_schedule=linear "${common[@]}"
 
-echo "$passed passed, $failed failed"
-[ "$failed" -eq 0 ]
+finish

@@ -10,13 +10,6 @@
 namespace qtrain::quant {
 namespace {
 
-std::vector<nn::Parameter*> QuantizerParams(const std::string& layer, WeightQuantizer* q) {
-  QTRAIN_CHECK(q != nullptr) << "quantized layer '" << layer << "' needs a quantizer";
-  std::vector<nn::Parameter*> params;
-  q->CollectParameters(&params);
-  return params;
-}
-
 float WeightScale(const WeightQuantizer& q, const nn::Tensor& w) {
   if (!q.unit_range()) return 1.0f;
   const int64_t fan_in = w.size() / w.dim(0);
@@ -30,60 +23,67 @@ void Scale(nn::RunContext& ctx, float s, nn::Tensor* t) {
 
 }  // namespace
 
+WeightQuantization::WeightQuantization(const std::string& layer, const nn::Tensor& w,
+                                       std::unique_ptr<WeightQuantizer> quantizer)
+    : quantizer_(std::move(quantizer)) {
+  QTRAIN_CHECK(quantizer_ != nullptr) << "quantized layer '" << layer << "' needs a quantizer";
+  quantizer_->CollectParameters(&params_);
+  weight_scale_ = WeightScale(*quantizer_, w);
+}
+
+const nn::Tensor& WeightQuantization::Forward(nn::RunContext& ctx, const nn::Tensor& w) {
+  quantizer_->Forward(ctx, w, &wq_);
+  Scale(ctx, weight_scale_, &wq_);
+  return wq_;
+}
+
+void WeightQuantization::Backward(nn::RunContext& ctx, nn::Parameter& w) {
+  Scale(ctx, weight_scale_, &w.grad);
+  quantizer_->Backward(ctx, w.value, w.grad, &w.grad);
+}
+
+void WeightQuantization::AppendParameters(std::vector<nn::Parameter*>* out) const {
+  out->insert(out->end(), params_.begin(), params_.end());
+}
+
 QuantizedConv2d::QuantizedConv2d(std::string name, const nn::Conv2dOptions& options,
                                  std::mt19937_64& rng, std::unique_ptr<WeightQuantizer> quantizer)
     : nn::Conv2d(std::move(name), options, rng),
-      quantizer_(std::move(quantizer)),
-      quantizer_params_(QuantizerParams(this->name(), quantizer_.get())),
-      weight_scale_(WeightScale(*quantizer_, weight().value)) {}
+      q_(this->name(), weight().value, std::move(quantizer)) {}
 
 std::string QuantizedConv2d::Describe() const {
-  return absl::StrCat(nn::Conv2d::Describe(), ", wq=", quantizer_->Describe());
+  return absl::StrCat(nn::Conv2d::Describe(), ", wq=", quantizer().Describe());
 }
 
 void QuantizedConv2d::CollectParameters(std::vector<nn::Parameter*>* out) {
   nn::Conv2d::CollectParameters(out);
-  out->insert(out->end(), quantizer_params_.begin(), quantizer_params_.end());
+  q_.AppendParameters(out);
 }
 
 const nn::Tensor& QuantizedConv2d::EffectiveWeight(nn::RunContext& ctx) {
-  quantizer_->Forward(ctx, weight().value, &wq_);
-  Scale(ctx, weight_scale_, &wq_);
-  return wq_;
+  return q_.Forward(ctx, weight().value);
 }
 
-void QuantizedConv2d::EffectiveWeightBackward(nn::RunContext& ctx) {
-  nn::Parameter& w = weight();
-  Scale(ctx, weight_scale_, &w.grad);
-  quantizer_->Backward(ctx, w.value, w.grad, &w.grad);
-}
+void QuantizedConv2d::EffectiveWeightBackward(nn::RunContext& ctx) { q_.Backward(ctx, weight()); }
 
 QuantizedLinear::QuantizedLinear(std::string name, const nn::LinearOptions& options,
                                  std::mt19937_64& rng, std::unique_ptr<WeightQuantizer> quantizer)
     : nn::Linear(std::move(name), options, rng),
-      quantizer_(std::move(quantizer)),
-      quantizer_params_(QuantizerParams(this->name(), quantizer_.get())),
-      weight_scale_(WeightScale(*quantizer_, weight().value)) {}
+      q_(this->name(), weight().value, std::move(quantizer)) {}
 
 std::string QuantizedLinear::Describe() const {
-  return absl::StrCat(nn::Linear::Describe(), ", wq=", quantizer_->Describe());
+  return absl::StrCat(nn::Linear::Describe(), ", wq=", quantizer().Describe());
 }
 
 void QuantizedLinear::CollectParameters(std::vector<nn::Parameter*>* out) {
   nn::Linear::CollectParameters(out);
-  out->insert(out->end(), quantizer_params_.begin(), quantizer_params_.end());
+  q_.AppendParameters(out);
 }
 
 const nn::Tensor& QuantizedLinear::EffectiveWeight(nn::RunContext& ctx) {
-  quantizer_->Forward(ctx, weight().value, &wq_);
-  Scale(ctx, weight_scale_, &wq_);
-  return wq_;
+  return q_.Forward(ctx, weight().value);
 }
 
-void QuantizedLinear::EffectiveWeightBackward(nn::RunContext& ctx) {
-  nn::Parameter& w = weight();
-  Scale(ctx, weight_scale_, &w.grad);
-  quantizer_->Backward(ctx, w.value, w.grad, &w.grad);
-}
+void QuantizedLinear::EffectiveWeightBackward(nn::RunContext& ctx) { q_.Backward(ctx, weight()); }
 
 }  // namespace qtrain::quant

@@ -30,6 +30,31 @@
 
 namespace qtrain::quant {
 
+// What a quantized layer adds to its plain self; both layers below hold one.
+class WeightQuantization {
+ public:
+  // Precondition (checked): quantizer non-null. `w` is the layer's master weight (dim 0: outputs).
+  WeightQuantization(const std::string& layer, const nn::Tensor& w,
+                     std::unique_ptr<WeightQuantizer> quantizer);
+
+  // weight_scale() * Q(w), kept until the next call.
+  const nn::Tensor& Forward(nn::RunContext& ctx, const nn::Tensor& w);
+  // Turns w.grad from d/d(weight_scale() * Q(w)) into d/dw; fills the quantizer's grads.
+  void Backward(nn::RunContext& ctx, nn::Parameter& w);
+  void AppendParameters(std::vector<nn::Parameter*>* out) const;
+
+  WeightQuantizer& quantizer() { return *quantizer_; }
+  const WeightQuantizer& quantizer() const { return *quantizer_; }
+  float weight_scale() const { return weight_scale_; }
+  const nn::Tensor& quantized_weight() const { return wq_; }
+
+ private:
+  std::unique_ptr<WeightQuantizer> quantizer_;
+  std::vector<nn::Parameter*> params_;
+  float weight_scale_ = 1.0f;
+  nn::Tensor wq_;
+};
+
 class QuantizedConv2d : public nn::Conv2d {
  public:
   // Precondition (checked): quantizer non-null.
@@ -39,22 +64,19 @@ class QuantizedConv2d : public nn::Conv2d {
   std::string Describe() const override;  // "conv2d 32->32 k3 s1 p1, wq=sawb 2-bit"
   void CollectParameters(std::vector<nn::Parameter*>* out) override;
 
-  WeightQuantizer& quantizer() { return *quantizer_; }
-  const WeightQuantizer& quantizer() const { return *quantizer_; }
+  WeightQuantizer& quantizer() { return q_.quantizer(); }
+  const WeightQuantizer& quantizer() const { return q_.quantizer(); }
   // The constant factor on Q(w) (see the top of this file).
-  float weight_scale() const { return weight_scale_; }
+  float weight_scale() const { return q_.weight_scale(); }
   // The weight the last Forward used: weight_scale() * Q(w).
-  const nn::Tensor& quantized_weight() const { return wq_; }
+  const nn::Tensor& quantized_weight() const { return q_.quantized_weight(); }
 
  protected:
   const nn::Tensor& EffectiveWeight(nn::RunContext& ctx) override;
   void EffectiveWeightBackward(nn::RunContext& ctx) override;
 
  private:
-  std::unique_ptr<WeightQuantizer> quantizer_;
-  std::vector<nn::Parameter*> quantizer_params_;
-  float weight_scale_ = 1.0f;
-  nn::Tensor wq_;
+  WeightQuantization q_;
 };
 
 class QuantizedLinear : public nn::Linear {
@@ -66,21 +88,17 @@ class QuantizedLinear : public nn::Linear {
   std::string Describe() const override;
   void CollectParameters(std::vector<nn::Parameter*>* out) override;
 
-  WeightQuantizer& quantizer() { return *quantizer_; }
-  const WeightQuantizer& quantizer() const { return *quantizer_; }
-  // The constant factor on Q(w) (see the top of this file).
-  float weight_scale() const { return weight_scale_; }
-  const nn::Tensor& quantized_weight() const { return wq_; }
+  WeightQuantizer& quantizer() { return q_.quantizer(); }
+  const WeightQuantizer& quantizer() const { return q_.quantizer(); }
+  float weight_scale() const { return q_.weight_scale(); }
+  const nn::Tensor& quantized_weight() const { return q_.quantized_weight(); }
 
  protected:
   const nn::Tensor& EffectiveWeight(nn::RunContext& ctx) override;
   void EffectiveWeightBackward(nn::RunContext& ctx) override;
 
  private:
-  std::unique_ptr<WeightQuantizer> quantizer_;
-  std::vector<nn::Parameter*> quantizer_params_;
-  float weight_scale_ = 1.0f;
-  nn::Tensor wq_;
+  WeightQuantization q_;
 };
 
 }  // namespace qtrain::quant

@@ -18,6 +18,7 @@
 #include "worker/kernels/cpu/softmax_xent.h"
 #include "worker/train/checkpoint.h"
 #include "worker/train/metrics.h"
+#include "worker/train/schedule.h"
 
 namespace qtrain::train {
 namespace {
@@ -102,27 +103,111 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(nn::Layer* model, Model
   t->options_ = options;
   t->options_.lr.total_epochs = static_cast<double>(options.epochs);
   t->ctx_.cpu = cpu;
-  model->CollectParameters(&t->params_);
-  model->CollectBuffers(&t->buffers_);
-  t->sgd_ = std::make_unique<Sgd>(t->params_, options.sgd);
   t->comm_ = comm;
   t->rank_ = comm->rank();
   t->world_size_ = comm->world_size();
   if (t->rank_ != 0) t->options_.progress = false;
-  if (!comm->IsIdentity()) {
+  RETURN_IF_ERROR(t->AttachModel(model));
+  return t;
+}
+
+absl::Status Trainer::AttachModel(nn::Layer* model) {
+  bucketer_.reset();  // it points into the previous model's parameters
+  ctx_.on_grads_ready = nullptr;
+  model_ = model;
+  params_.clear();
+  buffers_.clear();
+  model->CollectParameters(&params_);
+  model->CollectBuffers(&buffers_);
+  sgd_ = std::make_unique<Sgd>(params_, options_.sgd);
+  if (!comm_->IsIdentity()) {
     BucketOptions bucket_options;
-    bucket_options.bucket_bytes = options.bucket_bytes;
+    bucket_options.bucket_bytes = options_.bucket_bytes;
     ASSIGN_OR_RETURN(std::vector<GradientBucket> plan,
-                     PlanGradientBuckets(t->params_, options.bucket_bytes));
+                     PlanGradientBuckets(params_, options_.bucket_bytes));
     bucket_options.wait_timeout_seconds =
-        options.comm_timeout_seconds * static_cast<double>(plan.size() + 1);
-    ASSIGN_OR_RETURN(t->bucketer_, GradientBucketer::Create(t->params_, comm, bucket_options));
-    GradientBucketer* bucketer = t->bucketer_.get();
-    t->ctx_.on_grads_ready = [bucketer](std::span<nn::Parameter* const> ready) {
+        options_.comm_timeout_seconds * static_cast<double>(plan.size() + 1);
+    // After a phase change: a residual whose bucket changed size restarts at zero.
+    for (const GradientBucket& b : plan) {
+      std::span<const float> old = comm_->Residual(b.key);
+      if (!old.empty() && static_cast<int64_t>(old.size()) != b.elements) {
+        std::vector<float> zeros(static_cast<size_t>(b.elements), 0.0f);
+        RETURN_IF_ERROR(comm_->SetResidual(b.key, zeros));
+      }
+    }
+    ASSIGN_OR_RETURN(bucketer_, GradientBucketer::Create(params_, comm_, bucket_options));
+    GradientBucketer* bucketer = bucketer_.get();
+    ctx_.on_grads_ready = [bucketer](std::span<nn::Parameter* const> ready) {
       bucketer->OnGradsReady(ready);
     };
   }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::unique_ptr<Trainer>> Trainer::CreatePhased(
+    PhasePlan plan, std::unique_ptr<Guide> guide, ModelInfo info, const data::DataSplits* data,
+    const data::AugmentOptions& augment, const TrainerOptions& options, kernels::CpuContext cpu,
+    comm::Communicator* comm) {
+  if (comm == nullptr) return absl::InvalidArgumentError("Trainer::CreatePhased: null communicator");
+  const size_t n = plan.epochs.size();
+  if (n == 0 || plan.names.size() != n || plan.activation.size() != n || !plan.build) {
+    return absl::InvalidArgumentError("Trainer::CreatePhased: an empty or inconsistent plan");
+  }
+  int64_t total = 0;
+  for (int64_t e : plan.epochs) {
+    if (e < 1) return absl::InvalidArgumentError("every schedule phase needs >= 1 epoch");
+    total += e;
+  }
+  if (total != options.epochs) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "the schedule's phases sum to ", total, " epochs but --epochs is ", options.epochs));
+  }
+  if (guide != nullptr && comm->world_size() > 1) {
+    return absl::InvalidArgumentError(
+        "--guided runs in one process only for now (not under mpirun or with --ps)");
+  }
+  ASSIGN_OR_RETURN(std::unique_ptr<nn::Layer> first, plan.build(0));
+  ASSIGN_OR_RETURN(std::unique_ptr<Trainer> t,
+                   Create(first.get(), std::move(info), data, augment, options, cpu, comm));
+  t->owned_model_ = std::move(first);
+  t->plan_ = std::make_unique<PhasePlan>(std::move(plan));
+  int64_t begin = 0;
+  for (int64_t e : t->plan_->epochs) {
+    t->phase_begin_epoch_.push_back(begin);
+    begin += e;
+  }
+  t->guide_ = std::move(guide);
+  if (t->guide_ != nullptr) {
+    RETURN_IF_ERROR(t->guide_->Bind(t->model_, t->plan_->activation[0]));
+  }
   return t;
+}
+
+int Trainer::PhaseOfEpoch(int64_t epoch) const {
+  int phase = 0;
+  for (size_t i = 0; i < phase_begin_epoch_.size(); ++i) {
+    if (epoch >= phase_begin_epoch_[i]) phase = static_cast<int>(i);
+  }
+  return phase;
+}
+
+absl::Status Trainer::EnterPhase(int phase, bool copy_state) {
+  ASSIGN_OR_RETURN(std::unique_ptr<nn::Layer> next, plan_->build(phase));
+  CopyCounts counts;
+  if (copy_state) counts = CopyStateByName(*model_, *next);
+  RETURN_IF_ERROR(AttachModel(next.get()));
+  owned_model_ = std::move(next);
+  phase_ = phase;
+  if (guide_ != nullptr) RETURN_IF_ERROR(guide_->Bind(model_, plan_->activation[phase]));
+  if (copy_state) {
+    QTRAIN_LOG(INFO) << "schedule: phase " << phase + 1 << "/" << plan_->epochs.size() << " ("
+                     << plan_->names[phase] << ", " << plan_->epochs[phase]
+                     << " epochs): model rebuilt; copied " << counts.parameters << "/"
+                     << counts.parameters_total << " parameters and " << counts.buffers << "/"
+                     << counts.buffers_total
+                     << " buffers by name; SGD momentum and the learning-rate schedule restart";
+  }
+  return absl::OkStatus();
 }
 
 std::vector<GradientBucket> Trainer::Buckets() const {
@@ -253,6 +338,14 @@ absl::Status Trainer::SaveCheckpoint(int64_t next_epoch, int64_t step, double be
   ckpt.set_settings(options_.settings);
   ckpt.set_best_test_accuracy(best);
   CaptureState(params_, buffers_, &sgd_->momentum(), &ckpt);
+  if (plan_ != nullptr) {
+    ckpt.set_phase(phase_);
+    ckpt.set_schedule(plan_->description);
+  }
+  if (guide_ != nullptr) {
+    CaptureState(guide_->fp_params(), guide_->fp_buffers(), &guide_->fp_sgd().momentum(),
+                 ckpt.mutable_guide());
+  }
   return WriteCheckpointFile(CheckpointPath(), ckpt);
 }
 
@@ -273,6 +366,22 @@ absl::Status Trainer::MaybeResume(int64_t* epoch, int64_t* step, double* best) {
   }
   if (ckpt.epoch() < 0 || ckpt.step() < 0) {
     return absl::DataLossError(absl::StrCat("checkpoint ", path, " has negative progress"));
+  }
+  const std::string this_schedule = plan_ != nullptr ? plan_->description : std::string();
+  if (ckpt.schedule() != this_schedule) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "checkpoint ", path, " was written by schedule '", ckpt.schedule(),
+        "'; this run's schedule is '", this_schedule, "' (resume with the same schedule flags)"));
+  }
+  if (plan_ != nullptr) {
+    if (ckpt.phase() < 0 || ckpt.phase() >= static_cast<int>(plan_->epochs.size())) {
+      return absl::DataLossError(absl::StrCat("checkpoint ", path, " has phase ", ckpt.phase()));
+    }
+    if (ckpt.phase() != phase_) RETURN_IF_ERROR(EnterPhase(ckpt.phase(), /*copy_state=*/false));
+  }
+  if (guide_ != nullptr) {
+    RETURN_IF_ERROR(RestoreState(ckpt.guide(), guide_->fp_params(), guide_->fp_buffers(),
+                                 &guide_->fp_sgd().momentum()));
   }
   if (absl::Status s = RestoreState(ckpt, params_, buffers_, &sgd_->momentum()); !s.ok()) {
     // Usually a different quantization: say what the checkpoint was trained with.
@@ -319,6 +428,10 @@ void Trainer::MaybeRestoreResiduals(int64_t epoch, int64_t step) {
 }
 
 absl::StatusOr<EvalResult> Trainer::Evaluate(const data::Dataset& dataset) {
+  return EvaluateModel(model_, dataset);
+}
+
+absl::StatusOr<EvalResult> Trainer::EvaluateModel(nn::Layer* model, const data::Dataset& dataset) {
   ctx_.mode = nn::Mode::kEval;
   const int64_t n = dataset.size();
   // This rank's contiguous shard.
@@ -338,7 +451,7 @@ absl::StatusOr<EvalResult> Trainer::Evaluate(const data::Dataset& dataset) {
     x.Resize({m, dataset.channels, dataset.height, dataset.width});
     labels.resize(static_cast<size_t>(m));
     RETURN_IF_ERROR(data::GatherBatch(dataset, idx, x.span(), labels));
-    model_->Forward(ctx_, x, &logits);
+    model->Forward(ctx_, x, &logits);
     ASSIGN_OR_RETURN(auto r, kernels::SoftmaxCrossEntropy(ctx_.cpu, m, logits.dim(1), logits.data(),
                                                           labels.data(), nullptr));
     loss_sum += r.mean_loss * static_cast<double>(m);
@@ -359,6 +472,15 @@ absl::StatusOr<EvalResult> Trainer::Evaluate(const data::Dataset& dataset) {
 absl::StatusOr<TrainSummary> Trainer::Run() {
   const data::Dataset& train = data_->train;
   ASSIGN_OR_RETURN(LrSchedule schedule, LrSchedule::Create(options_.lr));
+  std::vector<LrSchedule> phase_lr;  // phased runs: one schedule per phase, over its epochs
+  if (plan_ != nullptr) {
+    for (int64_t e : plan_->epochs) {
+      LrScheduleOptions o = options_.lr;
+      o.total_epochs = static_cast<double>(e);
+      ASSIGN_OR_RETURN(LrSchedule s, LrSchedule::Create(o));
+      phase_lr.push_back(s);
+    }
+  }
   ASSIGN_OR_RETURN(data::ShardedSampler sampler,
                    data::ShardedSampler::Create(train.size(), rank_, world_size_, options_.seed));
   ASSIGN_OR_RETURN(MetricsLog metrics,
@@ -392,6 +514,11 @@ absl::StatusOr<TrainSummary> Trainer::Run() {
   const int64_t total_steps = options_.epochs * steps_per_epoch;
 
   for (int64_t epoch = start_epoch; epoch < options_.epochs; ++epoch) {
+    if (plan_ != nullptr && PhaseOfEpoch(epoch) != phase_) {
+      RETURN_IF_ERROR(EnterPhase(PhaseOfEpoch(epoch), /*copy_state=*/true));
+      summary.phase_change_steps.push_back(step);
+    }
+    double guidance_sum = 0;
     Timer epoch_timer;
     const std::vector<int64_t> indices = sampler.EpochIndices(epoch);
     std::mt19937_64 augment_rng(DeriveSeed(options_.seed, 1, static_cast<uint64_t>(epoch)));
@@ -416,14 +543,29 @@ absl::StatusOr<TrainSummary> Trainer::Run() {
       labels.resize(batch.size());
       RETURN_IF_ERROR(data::GatherBatch(train, batch, augment_, augment_rng, x.span(), labels));
       const double progress_epochs = epoch + static_cast<double>(b) / steps_per_epoch;
-      const float lr = schedule.At(progress_epochs);
+      const float lr =
+          plan_ != nullptr
+              ? phase_lr[static_cast<size_t>(phase_)].At(
+                    progress_epochs - static_cast<double>(phase_begin_epoch_[phase_]))
+              : schedule.At(progress_epochs);
 
       ctx_.mode = nn::Mode::kTrain;
-      model_->Forward(ctx_, x, &logits);
-      dlogits.Resize(logits.shape());
-      ASSIGN_OR_RETURN(auto r, kernels::SoftmaxCrossEntropy(ctx_.cpu, m, logits.dim(1),
-                                                            logits.data(), labels.data(),
-                                                            dlogits.data()));
+      kernels::SoftmaxXentResult r;
+      if (guide_ != nullptr) {
+        // Both networks forward and backward (the low-bit one's gradients reach the bucketer).
+        if (bucketer_ != nullptr) bucketer_->BeginStep(step);
+        absl::StatusOr<GuidedStepResult> g = guide_->ForwardBackward(ctx_, x, labels);
+        if (!g.ok()) return g.status();
+        r = g->lowbit;
+        guidance_sum += g->guidance;
+        if (!std::isfinite(g->fp.mean_loss) || !std::isfinite(g->guidance)) r.mean_loss = NAN;
+      } else {
+        model_->Forward(ctx_, x, &logits);
+        dlogits.Resize(logits.shape());
+        ASSIGN_OR_RETURN(r, kernels::SoftmaxCrossEntropy(ctx_.cpu, m, logits.dim(1),
+                                                         logits.data(), labels.data(),
+                                                         dlogits.data()));
+      }
       if (!std::isfinite(r.mean_loss)) {
         progress.Finish();
         return absl::FailedPreconditionError(absl::StrCat(
@@ -432,8 +574,10 @@ absl::StatusOr<TrainSummary> Trainer::Run() {
       }
       comm::StepStats step_stats;
       double wait_seconds = 0;
-      if (bucketer_ != nullptr) bucketer_->BeginStep(step);
-      model_->Backward(ctx_, dlogits, nullptr);
+      if (guide_ == nullptr) {
+        if (bucketer_ != nullptr) bucketer_->BeginStep(step);
+        model_->Backward(ctx_, dlogits, nullptr);
+      }
       if (bucketer_ != nullptr) {
         absl::Status s = bucketer_->FinishStep(&step_stats, &wait_seconds);
         if (!s.ok()) {
@@ -442,6 +586,7 @@ absl::StatusOr<TrainSummary> Trainer::Run() {
         }
       }
       sgd_->Step(ctx_.cpu, lr);
+      if (guide_ != nullptr) guide_->StepFp(ctx_.cpu, lr);
       ++step;
 
       const double step_seconds = step_timer.Seconds();
@@ -539,6 +684,16 @@ absl::StatusOr<TrainSummary> Trainer::Run() {
                    em.train_loss, 100 * em.train_accuracy, test.loss, 100 * test.accuracy,
                    FormatDuration(em.seconds).c_str());
     }
+    if (guide_ != nullptr) {
+      absl::StatusOr<EvalResult> fp = EvaluateModel(guide_->fp_model(), data_->test);
+      if (!fp.ok()) return RankError(fp.status(), step);
+      summary.fp_test_accuracy = fp->accuracy;
+      summary.fp_test_loss = fp->loss;
+      summary.guidance_loss = guidance_sum / static_cast<double>(std::max<int64_t>(1, epoch_steps));
+      QTRAIN_LOG(INFO) << absl::StrFormat(
+          "guided: epoch %d full-precision twin test acc %.2f%% (loss %.4f), mean R %.5g",
+          epoch + 1, 100 * fp->accuracy, fp->loss, summary.guidance_loss);
+    }
     summary.final_test_accuracy = test.accuracy;
     summary.final_test_loss = test.loss;
     summary.best_test_accuracy = best;
@@ -546,6 +701,7 @@ absl::StatusOr<TrainSummary> Trainer::Run() {
     if ((epoch + 1) % options_.checkpoint_every == 0 || epoch + 1 == options_.epochs) {
       RETURN_IF_ERROR(SaveCheckpoint(epoch + 1, step, best));
     }
+    if (summary.epochs_run == options_.stop_after_epochs_for_testing) break;
   }
   comm_->SetStep(step);
   if (summary.epochs_run == 0) {
@@ -559,6 +715,7 @@ absl::StatusOr<TrainSummary> Trainer::Run() {
   if (!hash.ok()) return RankError(hash.status(), step);
   summary.weights_hash = *hash;
   summary.steps = step;
+  summary.final_phase = phase_;
   summary.seconds = train_seconds;
   summary.images_per_second =
       static_cast<double>(train_images) * world_size_ / std::max(train_seconds, 1e-9);

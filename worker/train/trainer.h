@@ -46,6 +46,7 @@
 #define QTRAIN_WORKER_TRAIN_TRAINER_H_
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -58,6 +59,7 @@
 #include "worker/nn/layer.h"
 #include "worker/train/lr_schedule.h"
 #include "worker/train/gradient_buckets.h"
+#include "worker/train/guided.h"
 #include "worker/train/optimizer.h"
 
 namespace qtrain::train {
@@ -92,9 +94,30 @@ struct TrainerOptions {
   int stall_rank_for_testing = -1;
   int64_t stall_step_for_testing = -1;
   double stall_seconds_for_testing = 3600.0;
+  // Test only: > 0 makes Run return after this many epochs of this run (after their checkpoint),
+  // as if the job had been killed there.
+  int64_t stop_after_epochs_for_testing = 0;
 };
 
 absl::Status ValidateTrainerOptions(const TrainerOptions& options);
+
+// A multi-phase run (worker/train/schedule.h makes the phases from the flags). At the first step
+// of the first epoch of phase i > 0 the trainer builds phase i's model, copies the previous
+// model's parameters and buffers into it by name where the shapes match (CopyStateByName),
+// restarts SGD momentum at zero and the learning-rate schedule (each phase runs
+// TrainerOptions::lr over its own epochs), then continues. The same happens on every rank at the
+// same step (phases are whole epochs). Error-feedback residuals are kept across a phase change
+// when the gradient bucket plan is unchanged, else the changed buckets' residuals restart at zero.
+// Checkpoints record the phase (pb::Checkpoint::phase) and `description`; --resume rebuilds the
+// recorded phase's model and rejects a checkpoint with a different description.
+struct PhasePlan {
+  std::vector<std::string> names;
+  std::vector<int64_t> epochs;              // per phase (>= 1); the sum is TrainerOptions::epochs
+  std::vector<quant::QuantSpec> activation; // per phase: the activation quantizer (for Guide's Q)
+  std::string description;
+  // Builds phase i's model from scratch (seeded: the same every call).
+  std::function<absl::StatusOr<std::unique_ptr<nn::Layer>>(int phase)> build;
+};
 
 struct ModelInfo {
   std::string name;              // "cnn", for checkpoints
@@ -126,6 +149,14 @@ struct TrainSummary {
   double encode_seconds = 0;
   double communicate_seconds = 0;
   double decode_seconds = 0;
+  // Phased runs: the global step at which each phase change (model rebuild) happened in this run.
+  std::vector<int64_t> phase_change_steps;
+  int final_phase = 0;
+  // Guided runs: the full-precision twin's final test accuracy and loss, and the mean guidance
+  // loss R of the last epoch.
+  double fp_test_accuracy = 0;
+  double fp_test_loss = 0;
+  double guidance_loss = 0;
 };
 
 class Trainer {
@@ -138,6 +169,18 @@ class Trainer {
                                                          kernels::CpuContext cpu,
                                                          comm::Communicator* comm);
 
+  // A phased (and optionally guided) run: the trainer builds and owns the model of each phase
+  // (see PhasePlan). `guide` (may be null) is the full-precision twin for guided training; guided
+  // training is single-process only for now (INVALID_ARGUMENT with world_size > 1).
+  static absl::StatusOr<std::unique_ptr<Trainer>> CreatePhased(PhasePlan plan,
+                                                               std::unique_ptr<Guide> guide,
+                                                               ModelInfo info,
+                                                               const data::DataSplits* data,
+                                                               const data::AugmentOptions& augment,
+                                                               const TrainerOptions& options,
+                                                               kernels::CpuContext cpu,
+                                                               comm::Communicator* comm);
+
   // Collective: every rank calls it.
   absl::StatusOr<TrainSummary> Run();
   // Collective: every rank evaluates its shard of `dataset`; all get the totals.
@@ -149,6 +192,10 @@ class Trainer {
 
   int rank() const { return rank_; }
   int world_size() const { return world_size_; }
+  // The model being trained (a phased run's current phase's model), and the phase index.
+  nn::Layer* model() const { return model_; }
+  int phase() const { return phase_; }
+  Guide* guide() const { return guide_.get(); }
   // The bucket plan (empty when nothing is bucketed).
   std::vector<GradientBucket> Buckets() const;
 
@@ -162,6 +209,12 @@ class Trainer {
   absl::Status SyncInitialState(int64_t epoch, int64_t step);
   absl::Status AverageBuffers();
   absl::StatusOr<uint64_t> CheckWeightsIdentical();
+  // Makes `model` the trained model: parameters, buffers, a fresh SGD and bucketer.
+  absl::Status AttachModel(nn::Layer* model);
+  // Builds phase `phase`'s model, copying the current one's state into it if `copy_state`.
+  absl::Status EnterPhase(int phase, bool copy_state);
+  int PhaseOfEpoch(int64_t epoch) const;
+  absl::StatusOr<EvalResult> EvaluateModel(nn::Layer* model, const data::Dataset& dataset);
   // Prefixes a collective's error with this rank and the step.
   absl::Status RankError(const absl::Status& status, int64_t step) const;
 
@@ -177,6 +230,13 @@ class Trainer {
   comm::Communicator* comm_ = nullptr;
   int rank_ = 0;
   int world_size_ = 1;
+  // Phased runs: the plan, the model the trainer owns, the current phase and the first epoch of
+  // each phase; guided runs: the twin.
+  std::unique_ptr<PhasePlan> plan_;
+  std::vector<int64_t> phase_begin_epoch_;
+  int phase_ = 0;
+  std::unique_ptr<nn::Layer> owned_model_;
+  std::unique_ptr<Guide> guide_;
   std::unique_ptr<GradientBucketer> bucketer_;  // null when the communicator is the identity
 };
 
