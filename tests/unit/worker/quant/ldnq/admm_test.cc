@@ -82,7 +82,9 @@ TEST(CholeskyTest, FactorAndInverse) {
       double s = 0.0;
       for (int64_t k = 0; k < n; ++k) s += l[i * n + k] * l[j * n + k];
       EXPECT_NEAR(s, a[i * n + j], 1e-10);
-      if (j > i) EXPECT_EQ(l[i * n + j], 0.0);
+      if (j > i) {
+        EXPECT_EQ(l[i * n + j], 0.0);
+      }
     }
   }
   const std::vector<float> inv = InverseFromCholesky(kernels::CpuContext{}, l, n);
