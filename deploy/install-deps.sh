@@ -20,7 +20,7 @@ packages=(
   zlib1g-dev
   libopenmpi-dev openmpi-bin
   libopenblas-dev
-  iproute2 docker-compose
+  iproute2 docker-compose openssl
   dataset-fashion-mnist
 )
 
