@@ -59,14 +59,23 @@ void QilWeightQuantizer::Forward(const nn::RunContext& ctx, const nn::Tensor& w,
   const float inv_2d = 0.5f / d;
   const float q = static_cast<float>((1 << (options_.bits - 1)) - 1);
   const Discretize discretize = options_.discretize;
+  if (log_u_.shape() != w.shape()) log_u_.Resize(w.shape());
+  if (u_gamma_.shape() != w.shape()) u_gamma_.Resize(w.shape());
   const float* src = w.data();
   float* dst = wq->data();
+  float* log_u = log_u_.data();
+  float* u_gamma = u_gamma_.data();
   ParallelRange(ctx.cpu, w.size(), [=](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const float a = std::fabs(src[i]);
       const float s = src[i] > 0.0f ? 1.0f : (src[i] < 0.0f ? -1.0f : 0.0f);
       float u = std::clamp((a - c) * inv_2d + 0.5f, 0.0f, 1.0f);
-      if (gamma != 1.0f && u > 0.0f && u < 1.0f) u = std::pow(u, gamma);
+      log_u[i] = 0.0f;
+      if (u > 0.0f && u < 1.0f) {
+        log_u[i] = std::log(u);
+        if (gamma != 1.0f) u = std::exp(gamma * log_u[i]);
+      }
+      u_gamma[i] = u;
       dst[i] = s * RoundUnit(u, q, discretize);
     }
   });
@@ -80,8 +89,11 @@ void QilWeightQuantizer::Backward(const nn::RunContext& ctx, const nn::Tensor& w
   const float d = std::max(std::fabs(d_.value[0]), kMinHalfWidth);
   const float gamma = std::max(gamma_.value[0], kMinGamma);
   const double inv_2d = 0.5 / d;
+  QTRAIN_CHECK(log_u_.shape() == w.shape()) << "qil: Backward before Forward";
   const float* src = w.data();
   const float* g = dwq.data();
+  const float* log_u_saved = log_u_.data();
+  const float* u_gamma_saved = u_gamma_.data();
   float* out = dw->data();
   // One pass: parameter partials are accumulated before out[i] (which may alias g[i]) is written.
   const auto sums = ChunkedSums<3>(ctx.cpu, w.size(), [&](int64_t begin, int64_t end, auto& acc) {
@@ -95,16 +107,16 @@ void QilWeightQuantizer::Backward(const nn::RunContext& ctx, const nn::Tensor& w
         continue;
       }
       const double gi = g[i];
-      // slope = d(u^gamma)/du = gamma u^gamma / u; u is kept off 0, where gamma < 1 would make
-      // it infinite. One log and one exp per element.
+      // slope = d(u^gamma)/du = gamma u^gamma / u, from Forward's u^gamma and ln u; u is kept
+      // off 0, where gamma < 1 would make it infinite.
       double slope = 1.0;
-      if (gamma != 1.0f || u > 0.0) {
+      const double log_u = log_u_saved[i];
+      const double u_gamma = u_gamma_saved[i];
+      if (gamma != 1.0f) {
         const double uc = std::max(u, 1e-6);
-        const double log_u = std::log(uc);
-        const double u_gamma = std::exp(gamma * log_u);
-        if (gamma != 1.0f) slope = gamma * u_gamma / uc;
-        if (u > 0.0) dg += gi * s * u_gamma * log_u;
+        slope = u > 0.0 && u < 1.0 ? gamma * u_gamma / uc : gamma * std::pow(uc, gamma - 1.0);
       }
+      if (u > 0.0 && u < 1.0) dg += gi * s * u_gamma * log_u;
       dc += gi * s * slope * -inv_2d;
       dd += gi * s * slope * (-(a - c) * inv_2d / d);
       out[i] = static_cast<float>(gi * slope * inv_2d);

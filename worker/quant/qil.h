@@ -25,8 +25,8 @@
 // mean(x) + 3 std(x)) of the first batch (1 if that is not positive). In use d and gamma are
 // clamped to >= kMinHalfWidth and >= kMinGamma.
 //
-// Cost: one pass forward (a pow per weight element when gamma != 1), one pass plus three
-// reductions backward.
+// Cost: one pass forward (a log and, when gamma != 1, an exp per weight element inside the
+// interval, both kept with two weight-sized tensors), one pass plus three reductions backward.
 #ifndef QTRAIN_WORKER_QUANT_QIL_H_
 #define QTRAIN_WORKER_QUANT_QIL_H_
 
@@ -74,6 +74,10 @@ class QilWeightQuantizer : public WeightQuantizer {
   nn::Parameter c_;
   nn::Parameter d_;
   nn::Parameter gamma_;
+  // Of the last Forward, per element inside the interval (0 < u < 1; 0 elsewhere): ln u and
+  // u^gamma, so Backward needs no transcendental function.
+  nn::Tensor log_u_;
+  nn::Tensor u_gamma_;
 };
 
 class QilActivationQuantizer : public ActivationQuantizer {
