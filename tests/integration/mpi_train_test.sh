@@ -57,6 +57,10 @@ fi
 check "resume of a finished run trains nothing" 0 "$same.*epochs=0 steps=8" -- \
   "${mpi[@]}" "$qtrain" --epochs=2 "${short[@]}" --checkpoint_dir="$work/ck" --resume
 
+check "guided 2/2 under mpirun: both nets averaged, identical on all ranks" 0 \
+  "full-precision twin test acc.*$same.*guided: full-precision twin final_test_accuracy" -- \
+  "${mpi[@]}" "$qtrain" --epochs=1 "${short[@]}" --quant=dorefa:w=2,a=2 --guided --lambda=0.01
+
 check "bad --codec is a clear error" fail "--codec: unknown codec 'bogus'.*valid codecs: fp32" -- \
   "${mpi[@]}" "$qtrain" "${common[@]}" --codec=bogus
 check "bad --allreduce is a clear error" fail "allgather" -- \

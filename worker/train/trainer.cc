@@ -23,6 +23,10 @@
 namespace qtrain::train {
 namespace {
 
+// The full-precision twin's gradient buckets (guided training) are keyed b<kTwinBucketBase + i>,
+// apart from the low-bit model's b<i> whatever a phase change does to their count.
+constexpr int64_t kTwinBucketBase = int64_t{1} << 20;
+
 constexpr char kCheckpointFile[] = "checkpoint.qtrn";
 
 // 64-bit FNV-1a over raw bytes.
@@ -162,10 +166,6 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::CreatePhased(
     return absl::InvalidArgumentError(absl::StrCat(
         "the schedule's phases sum to ", total, " epochs but --epochs is ", options.epochs));
   }
-  if (guide != nullptr && comm->world_size() > 1) {
-    return absl::InvalidArgumentError(
-        "--guided runs in one process only for now (not under mpirun or with --ps)");
-  }
   ASSIGN_OR_RETURN(std::unique_ptr<nn::Layer> first, plan.build(0));
   ASSIGN_OR_RETURN(std::unique_ptr<Trainer> t,
                    Create(first.get(), std::move(info), data, augment, options, cpu, comm));
@@ -177,6 +177,13 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::CreatePhased(
     begin += e;
   }
   t->guide_ = std::move(guide);
+  if (t->guide_ != nullptr && !comm->IsIdentity()) {
+    ASSIGN_OR_RETURN(t->twin_buckets_,
+                     PlanGradientBuckets(t->guide_->fp_params(), options.bucket_bytes));
+    for (size_t i = 0; i < t->twin_buckets_.size(); ++i) {
+      t->twin_buckets_[i].key = absl::StrCat("b", kTwinBucketBase + static_cast<int64_t>(i));
+    }
+  }
   if (t->guide_ != nullptr) {
     RETURN_IF_ERROR(t->guide_->Bind(t->model_, t->plan_->activation[0]));
   }
@@ -258,16 +265,34 @@ absl::Status Trainer::SyncInitialState(int64_t epoch, int64_t step) {
   return absl::OkStatus();
 }
 
-absl::Status Trainer::AverageBuffers() {
-  if (world_size_ == 1 || buffers_.empty()) return absl::OkStatus();
+absl::Status Trainer::AverageBuffers(const std::vector<nn::Buffer*>& buffers) {
+  if (world_size_ == 1 || buffers.empty()) return absl::OkStatus();
   std::vector<double> sums;
-  for (const nn::Buffer* b : buffers_) sums.insert(sums.end(), b->value.data(), b->value.data() + b->value.size());
+  for (const nn::Buffer* b : buffers) sums.insert(sums.end(), b->value.data(), b->value.data() + b->value.size());
   RETURN_IF_ERROR(comm_->AllReduceSum(sums));
   size_t at = 0;
-  for (nn::Buffer* b : buffers_) {
+  for (nn::Buffer* b : buffers) {
     float* v = b->value.data();
     for (int64_t i = 0; i < b->value.size(); ++i) {
       v[i] = static_cast<float>(sums[at++] / world_size_);
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Trainer::AverageTwinGradients(comm::StepStats* stats) {
+  const std::vector<nn::Parameter*> params = guide_->fp_params();
+  for (const GradientBucket& b : twin_buckets_) {
+    twin_flat_.resize(static_cast<size_t>(b.elements));
+    for (size_t k = 0; k < b.params.size(); ++k) {
+      const nn::Tensor& g = params[b.params[k]]->grad;
+      std::copy(g.data(), g.data() + g.size(), twin_flat_.data() + b.offsets[k]);
+    }
+    RETURN_IF_ERROR(comm_->AllReduceMean(b.key, twin_flat_, stats));
+    for (size_t k = 0; k < b.params.size(); ++k) {
+      nn::Tensor& g = params[b.params[k]]->grad;
+      std::copy(twin_flat_.data() + b.offsets[k], twin_flat_.data() + b.offsets[k] + g.size(),
+                g.data());
     }
   }
   return absl::OkStatus();
@@ -277,6 +302,14 @@ absl::StatusOr<uint64_t> Trainer::CheckWeightsIdentical() {
   uint64_t h = kFnvOffset;
   for (const nn::Parameter* p : params_) h = Fnv1a(h, p->value.data(), 4 * p->value.size());
   for (const nn::Buffer* b : buffers_) h = Fnv1a(h, b->value.data(), 4 * b->value.size());
+  if (guide_ != nullptr) {  // the full-precision twin must agree too
+    for (const nn::Parameter* p : guide_->fp_params()) {
+      h = Fnv1a(h, p->value.data(), 4 * p->value.size());
+    }
+    for (const nn::Buffer* b : guide_->fp_buffers()) {
+      h = Fnv1a(h, b->value.data(), 4 * b->value.size());
+    }
+  }
   ASSIGN_OR_RETURN(std::vector<uint64_t> all, comm_->AllGatherU64(h));
   std::string differ;
   for (int r = 1; r < static_cast<int>(all.size()); ++r) {
@@ -585,6 +618,15 @@ absl::StatusOr<TrainSummary> Trainer::Run() {
           return RankError(s, step);
         }
       }
+      if (guide_ != nullptr && bucketer_ != nullptr) {
+        Timer twin_timer;
+        absl::Status s = AverageTwinGradients(&step_stats);
+        wait_seconds += twin_timer.Seconds();
+        if (!s.ok()) {
+          progress.Finish();
+          return RankError(s, step);
+        }
+      }
       sgd_->Step(ctx_.cpu, lr);
       if (guide_ != nullptr) guide_->StepFp(ctx_.cpu, lr);
       ++step;
@@ -654,7 +696,8 @@ absl::StatusOr<TrainSummary> Trainer::Run() {
     run_stats += epoch_stats;
     comm_->SetStep(step);
     // Every rank's running statistics and train sums (the communication thread is idle here).
-    RETURN_IF_ERROR(RankError(AverageBuffers(), step));
+    RETURN_IF_ERROR(RankError(AverageBuffers(buffers_), step));
+    if (guide_ != nullptr) RETURN_IF_ERROR(RankError(AverageBuffers(guide_->fp_buffers()), step));
     if (world_size_ > 1) {
       double sums[3] = {loss_sum, static_cast<double>(correct_sum), static_cast<double>(seen)};
       RETURN_IF_ERROR(RankError(comm_->AllReduceSum(sums), step));

@@ -207,7 +207,12 @@ class Trainer {
   void MaybeRestoreResiduals(int64_t epoch, int64_t step);
   // Rank 0's parameters, buffers and momentum to every rank; checks all agree on the progress.
   absl::Status SyncInitialState(int64_t epoch, int64_t step);
-  absl::Status AverageBuffers();
+  // Averages `buffers` (batch-norm running statistics) across ranks.
+  absl::Status AverageBuffers(const std::vector<nn::Buffer*>& buffers);
+  // Guided training with a non-identity communicator: averages the full-precision twin's
+  // gradients, bucketed like the low-bit model's under keys b<kTwinBucketBase + i>, on the
+  // calling thread after the low-bit buckets are done (no overlap with backward).
+  absl::Status AverageTwinGradients(comm::StepStats* stats);
   absl::StatusOr<uint64_t> CheckWeightsIdentical();
   // Makes `model` the trained model: parameters, buffers, a fresh SGD and bucketer.
   absl::Status AttachModel(nn::Layer* model);
@@ -238,6 +243,8 @@ class Trainer {
   std::unique_ptr<nn::Layer> owned_model_;
   std::unique_ptr<Guide> guide_;
   std::unique_ptr<GradientBucketer> bucketer_;  // null when the communicator is the identity
+  std::vector<GradientBucket> twin_buckets_;    // guided runs with a bucketer only
+  std::vector<float> twin_flat_;
 };
 
 }  // namespace qtrain::train
