@@ -124,16 +124,17 @@ void Residual::Forward(RunContext& ctx, const Tensor& x, Tensor* y) {
     shortcut_conv_->Forward(ctx, x, &shortcut_conv_out_);
     shortcut_bn_->Forward(ctx, shortcut_conv_out_, &shortcut_out_);
   }
-  AddShortcutAndRelu(ctx, x, y);
+  AddShortcutAndRelu(ctx, x, shortcut_conv_ ? &shortcut_out_ : nullptr, y);
   input_ = &x;
   output_ = y;
 }
 
 // y = relu(y + shortcut(x)), one pass over y.
-void Residual::AddShortcutAndRelu(RunContext& ctx, const Tensor& x, Tensor* y) {
+void Residual::AddShortcutAndRelu(RunContext& ctx, const Tensor& x, const Tensor* projected,
+                                  Tensor* y) const {
   float* out = y->data();
-  if (has_identity_shortcut() || shortcut_conv_) {
-    const float* sc = shortcut_conv_ ? shortcut_out_.data() : x.data();
+  if (has_identity_shortcut() || projected != nullptr) {
+    const float* sc = projected != nullptr ? projected->data() : x.data();
     kernels::ParallelFor(ctx.cpu.pool, y->size(), kernels::kElementwiseGrain,
                          [&](int64_t begin, int64_t end) {
                            for (int64_t i = begin; i < end; ++i) {

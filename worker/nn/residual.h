@@ -71,6 +71,11 @@ class Residual : public Layer {
 
   const ResidualOptions& options() const { return options_; }
   bool has_identity_shortcut() const;
+  // y = relu(y + shortcut(x)) in one pass over y, where the shortcut is `projected` (the
+  // projection branch's output, same shape as y) when given, else the identity or the zero-pad
+  // subsample of x. Shared with packed inference (worker/quant/packed_model.cc).
+  void AddShortcutAndRelu(RunContext& ctx, const Tensor& x, const Tensor* projected,
+                          Tensor* y) const;
 
   // The children, for tools that walk a model (export, packed inference). Forward runs them as:
   // conv1 on in_quant(x) (or x), bn1, act1 (or an in-place ReLU when null), conv2, bn2, and on
@@ -85,7 +90,6 @@ class Residual : public Layer {
   Layer* in_quant() const { return in_quant_.get(); }              // null: conv1 reads x
 
  private:
-  void AddShortcutAndRelu(RunContext& ctx, const Tensor& x, Tensor* y);
   void AddShortcutBackward(RunContext& ctx, const Tensor& dz, Tensor* dx);
   void Report(RunContext& ctx, const std::vector<Parameter*>& params);
 

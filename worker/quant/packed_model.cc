@@ -277,51 +277,13 @@ void PackedModel::RunResidual(nn::RunContext& ctx, nn::Layer& layer, const nn::T
   }
   Run(ctx, *r.conv2(), t[3], &t[4]);
   Run(ctx, *r.bn2(), t[4], y);
-  float* out = y->data();
-  if (r.has_identity_shortcut() || r.shortcut_conv() != nullptr) {
-    const float* sc = x.data();
-    if (r.shortcut_conv() != nullptr) {
-      Run(ctx, *r.shortcut_conv(), x, &t[5]);
-      Run(ctx, *r.shortcut_bn(), t[5], &t[6]);
-      sc = t[6].data();
-    }
-    kernels::ParallelFor(ctx.cpu.pool, y->size(), kernels::kElementwiseGrain,
-                         [&](int64_t begin, int64_t end) {
-                           for (int64_t i = begin; i < end; ++i) {
-                             const float v = out[i] + sc[i];
-                             out[i] = v > 0.0f ? v : 0.0f;
-                           }
-                         });
-    return;
+  const nn::Tensor* projected = nullptr;
+  if (r.shortcut_conv() != nullptr) {
+    Run(ctx, *r.shortcut_conv(), x, &t[5]);
+    Run(ctx, *r.shortcut_bn(), t[5], &t[6]);
+    projected = &t[6];
   }
-  // Zero-pad shortcut (option A), as nn::Residual: input channel c feeds output channel
-  // c + (out - in) / 2, subsampled by the stride.
-  const int64_t batch = y->dim(0), out_c = y->dim(1), oh = y->dim(2), ow = y->dim(3);
-  const int64_t in_c = x.dim(1), ih = x.dim(2), iw = x.dim(3);
-  const int64_t s = r.options().stride;
-  const int64_t pad_front = (out_c - in_c) / 2;
-  const float* in = x.data();
-  kernels::ParallelFor(ctx.cpu.pool, batch * out_c, std::max<int64_t>(1, (1 << 15) / (oh * ow)),
-                       [&](int64_t begin, int64_t end) {
-                         for (int64_t pl = begin; pl < end; ++pl) {
-                           const int64_t n = pl / out_c;
-                           const int64_t c = pl % out_c - pad_front;
-                           float* o = out + pl * oh * ow;
-                           if (c < 0 || c >= in_c) {
-                             for (int64_t i = 0; i < oh * ow; ++i) o[i] = o[i] > 0.0f ? o[i] : 0.0f;
-                             continue;
-                           }
-                           const float* src = in + (n * in_c + c) * ih * iw;
-                           for (int64_t hh = 0; hh < oh; ++hh) {
-                             const float* row = src + hh * s * iw;
-                             float* orow = o + hh * ow;
-                             for (int64_t ww = 0; ww < ow; ++ww) {
-                               const float v = orow[ww] + row[ww * s];
-                               orow[ww] = v > 0.0f ? v : 0.0f;
-                             }
-                           }
-                         }
-                       });
+  r.AddShortcutAndRelu(ctx, x, projected, y);
 }
 
 void PackedModel::Predict(const kernels::CpuContext& cpu, const float* images, int64_t n,
