@@ -24,3 +24,18 @@ function(qtrain_add_fuzzer)
   target_link_options(${F_NAME} PRIVATE -fsanitize=fuzzer)
   set_target_properties(${F_NAME} PROPERTIES RUNTIME_OUTPUT_DIRECTORY ${CMAKE_BINARY_DIR}/bin/fuzz)
 endfunction()
+
+# qtrain_add_gpu_test(NAME name SOURCES a.cc b.cu DEPS lib1 [LABELS l] [TIMEOUT s])
+# A test that needs a CUDA device: labelled "gpu", and reported by ctest as skipped (not passed)
+# when every case called QTRAIN_REQUIRE_GPU() on a machine without one.
+function(qtrain_add_gpu_test)
+  cmake_parse_arguments(G "" "NAME;TIMEOUT" "SOURCES;DEPS;LABELS" ${ARGN})
+  if(NOT G_TIMEOUT)
+    set(G_TIMEOUT 300)
+  endif()
+  qtrain_add_test(NAME ${G_NAME} SOURCES ${G_SOURCES} DEPS ${G_DEPS} qtrain_testing_cuda
+                  LABELS gpu ${G_LABELS} TIMEOUT ${G_TIMEOUT})
+  # gtest prints "[  SKIPPED ] N tests" only when something was skipped; "[  PASSED  ] 0 tests"
+  # with skips means nothing ran.
+  set_tests_properties(${G_NAME} PROPERTIES SKIP_REGULAR_EXPRESSION "\\[  PASSED  \\] 0 tests")
+endfunction()

@@ -8,7 +8,7 @@ jobs=$(nproc)
 
 echo "== fuzz targets (clang, -fsanitize=fuzzer,address)"
 CC=clang CXX=clang++ cmake -S . -B build-fuzz -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \
-  -DQTRAIN_FUZZ=ON -DQTRAIN_BUILD_TESTS=OFF -DQTRAIN_BUILD_BENCH=OFF >/dev/null
+  -DQTRAIN_FUZZ=ON -DQTRAIN_BUILD_TESTS=OFF -DQTRAIN_BUILD_BENCH=OFF -DQTRAIN_CUDA=OFF >/dev/null
 cmake --build build-fuzz --target fuzzers -j "$jobs"
 mkdir -p build-fuzz/artifacts
 for f in build-fuzz/bin/fuzz/*_fuzzer; do
