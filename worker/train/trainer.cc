@@ -117,6 +117,7 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(nn::Layer* model, Model
 
 absl::Status Trainer::AttachModel(nn::Layer* model) {
   bucketer_.reset();  // it points into the previous model's parameters
+  engine_.reset();
   ctx_.on_grads_ready = nullptr;
   model_ = model;
   params_.clear();
@@ -124,6 +125,7 @@ absl::Status Trainer::AttachModel(nn::Layer* model) {
   model->CollectParameters(&params_);
   model->CollectBuffers(&buffers_);
   sgd_ = std::make_unique<Sgd>(params_, options_.sgd);
+  StepEngineInputs engine_inputs;
   if (!comm_->IsIdentity()) {
     BucketOptions bucket_options;
     bucket_options.bucket_bytes = options_.bucket_bytes;
@@ -139,11 +141,28 @@ absl::Status Trainer::AttachModel(nn::Layer* model) {
         RETURN_IF_ERROR(comm_->SetResidual(b.key, zeros));
       }
     }
-    ASSIGN_OR_RETURN(bucketer_, GradientBucketer::Create(params_, comm_, bucket_options));
-    GradientBucketer* bucketer = bucketer_.get();
-    ctx_.on_grads_ready = [bucketer](std::span<nn::Parameter* const> ready) {
-      bucketer->OnGradsReady(ready);
-    };
+    if (options_.engine) {
+      engine_inputs.buckets = std::move(plan);
+    } else {
+      ASSIGN_OR_RETURN(bucketer_, GradientBucketer::Create(params_, comm_, bucket_options));
+      GradientBucketer* bucketer = bucketer_.get();
+      ctx_.on_grads_ready = [bucketer](std::span<nn::Parameter* const> ready) {
+        bucketer->OnGradsReady(ready);
+      };
+    }
+  }
+  if (options_.engine) {
+    engine_inputs.model = model;
+    engine_inputs.params = params_;
+    engine_inputs.buffers = buffers_;
+    engine_inputs.sgd = sgd_.get();
+    engine_inputs.sgd_options = options_.sgd;
+    engine_inputs.comm = comm_;
+    engine_inputs.input_chw = info_.input;
+    engine_inputs.num_classes = info_.num_classes;
+    engine_inputs.max_batch = std::max(options_.batch_size, options_.eval_batch_size);
+    ASSIGN_OR_RETURN(engine_, options_.engine(engine_inputs));
+    if (rank_ == 0) QTRAIN_LOG(INFO) << "step engine: " << engine_->Describe();
   }
   return absl::OkStatus();
 }
@@ -177,6 +196,10 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::CreatePhased(
     begin += e;
   }
   t->guide_ = std::move(guide);
+  if (t->guide_ != nullptr && options.engine) {
+    return absl::InvalidArgumentError(
+        "guided training runs on the CPU layers only for now; drop --guided or use --device=cpu");
+  }
   if (t->guide_ != nullptr && !comm->IsIdentity()) {
     ASSIGN_OR_RETURN(t->twin_buckets_,
                      PlanGradientBuckets(t->guide_->fp_params(), options.bucket_bytes));
@@ -484,9 +507,14 @@ absl::StatusOr<EvalResult> Trainer::EvaluateModel(nn::Layer* model, const data::
     x.Resize({m, dataset.channels, dataset.height, dataset.width});
     labels.resize(static_cast<size_t>(m));
     RETURN_IF_ERROR(data::GatherBatch(dataset, idx, x.span(), labels));
-    model->Forward(ctx_, x, &logits);
-    ASSIGN_OR_RETURN(auto r, kernels::SoftmaxCrossEntropy(ctx_.cpu, m, logits.dim(1), logits.data(),
-                                                          labels.data(), nullptr));
+    kernels::SoftmaxXentResult r;
+    if (engine_ != nullptr && model == model_) {
+      ASSIGN_OR_RETURN(r, engine_->EvalBatch(x, labels));
+    } else {
+      model->Forward(ctx_, x, &logits);
+      ASSIGN_OR_RETURN(r, kernels::SoftmaxCrossEntropy(ctx_.cpu, m, logits.dim(1), logits.data(),
+                                                       labels.data(), nullptr));
+    }
     loss_sum += r.mean_loss * static_cast<double>(m);
     correct += r.correct;
   }
@@ -523,6 +551,7 @@ absl::StatusOr<TrainSummary> Trainer::Run() {
   RETURN_IF_ERROR(MaybeResume(&start_epoch, &step, &best));
   comm_->SetStep(step);
   RETURN_IF_ERROR(RankError(SyncInitialState(start_epoch, step), step));
+  if (engine_ != nullptr) RETURN_IF_ERROR(engine_->PushState());
 
   int64_t steps_per_epoch = sampler.BatchesPerEpoch(options_.batch_size);
   if (options_.max_steps_per_epoch > 0) {
@@ -584,7 +613,17 @@ absl::StatusOr<TrainSummary> Trainer::Run() {
 
       ctx_.mode = nn::Mode::kTrain;
       kernels::SoftmaxXentResult r;
-      if (guide_ != nullptr) {
+      comm::StepStats step_stats;
+      double wait_seconds = 0;
+      if (engine_ != nullptr) {
+        absl::StatusOr<kernels::SoftmaxXentResult> e =
+            engine_->TrainStep(x, labels, lr, &step_stats, &wait_seconds);
+        if (!e.ok()) {
+          progress.Finish();
+          return RankError(e.status(), step);
+        }
+        r = *e;
+      } else if (guide_ != nullptr) {
         // Both networks forward and backward (the low-bit one's gradients reach the bucketer).
         if (bucketer_ != nullptr) bucketer_->BeginStep(step);
         absl::StatusOr<GuidedStepResult> g = guide_->ForwardBackward(ctx_, x, labels);
@@ -605,9 +644,7 @@ absl::StatusOr<TrainSummary> Trainer::Run() {
             "training diverged: loss is ", r.mean_loss, " at epoch ", epoch, " step ", step,
             " on rank ", rank_, " (learning rate ", lr, "); try a smaller --lr or a warm-up"));
       }
-      comm::StepStats step_stats;
-      double wait_seconds = 0;
-      if (guide_ == nullptr) {
+      if (engine_ == nullptr && guide_ == nullptr) {
         if (bucketer_ != nullptr) bucketer_->BeginStep(step);
         model_->Backward(ctx_, dlogits, nullptr);
       }
@@ -627,7 +664,7 @@ absl::StatusOr<TrainSummary> Trainer::Run() {
           return RankError(s, step);
         }
       }
-      sgd_->Step(ctx_.cpu, lr);
+      if (engine_ == nullptr) sgd_->Step(ctx_.cpu, lr);
       if (guide_ != nullptr) guide_->StepFp(ctx_.cpu, lr);
       ++step;
 
@@ -679,7 +716,7 @@ absl::StatusOr<TrainSummary> Trainer::Run() {
             "epoch %d/%d  step %d/%d  loss %.4f  acc %.2f%%  lr %.4g  %.0f img/s  ETA %s",
             epoch + 1, options_.epochs, b + 1, steps_per_epoch, loss_sum / seen,
             100.0 * correct_sum / seen, lr, rate, FormatDuration(eta));
-        if (bucketer_ != nullptr) {
+        if (bucketer_ != nullptr || (engine_ != nullptr && !comm_->IsIdentity())) {
           // Per-step means over the epoch so far.
           const double k = 1000.0 / static_cast<double>(epoch_steps);
           absl::StrAppendFormat(
@@ -696,7 +733,11 @@ absl::StatusOr<TrainSummary> Trainer::Run() {
     run_stats += epoch_stats;
     comm_->SetStep(step);
     // Every rank's running statistics and train sums (the communication thread is idle here).
+    if (engine_ != nullptr) RETURN_IF_ERROR(RankError(engine_->PullState(), step));
     RETURN_IF_ERROR(RankError(AverageBuffers(buffers_), step));
+    if (engine_ != nullptr && world_size_ > 1) {
+      RETURN_IF_ERROR(RankError(engine_->PushState(), step));
+    }
     if (guide_ != nullptr) RETURN_IF_ERROR(RankError(AverageBuffers(guide_->fp_buffers()), step));
     if (world_size_ > 1) {
       double sums[3] = {loss_sum, static_cast<double>(correct_sum), static_cast<double>(seen)};

@@ -61,6 +61,7 @@
 #include "worker/train/gradient_buckets.h"
 #include "worker/train/guided.h"
 #include "worker/train/optimizer.h"
+#include "worker/train/step_engine.h"
 
 namespace qtrain::train {
 
@@ -97,6 +98,10 @@ struct TrainerOptions {
   // Test only: > 0 makes Run return after this many epochs of this run (after their checkpoint),
   // as if the job had been killed there.
   int64_t stop_after_epochs_for_testing = 0;
+  // Where the step runs: empty = the CPU layers; otherwise the factory builds the engine for each
+  // model the trainer attaches (qtrain --device=cuda passes the CUDA engine's). See step_engine.h
+  // for when the trainer pushes and pulls state. Guided training needs the CPU layers.
+  StepEngineFactory engine;
 };
 
 absl::Status ValidateTrainerOptions(const TrainerOptions& options);
@@ -243,6 +248,8 @@ class Trainer {
   std::unique_ptr<nn::Layer> owned_model_;
   std::unique_ptr<Guide> guide_;
   std::unique_ptr<GradientBucketer> bucketer_;  // null when the communicator is the identity
+                                                // or an engine runs the step
+  std::unique_ptr<StepEngine> engine_;          // null: the CPU layers run the step
   std::vector<GradientBucket> twin_buckets_;    // guided runs with a bucketer only
   std::vector<float> twin_flat_;
 };
