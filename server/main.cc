@@ -1,7 +1,7 @@
 // qserver: the parameter server of qtrain's parameter-server mode (server/ps_core.h has the
 // design). Flags are parsed here and only here. `qserver --help` lists them.
 //
-//   qserver --shard=0 --num_shards=2 --workers=4 --codec=onebit --listen=127.0.0.1:7070 \
+//   qserver --shard=0 --num_shards=2 --workers=4 --codec=onebit --listen=127.0.0.1:7070
 //           --token=secret --checkpoint_dir=/tmp/ps
 //
 // SIGTERM / SIGINT: stop serving, write a final checkpoint, exit 0.

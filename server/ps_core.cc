@@ -3,11 +3,16 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cerrno>
 #include <cstring>
 #include <filesystem>
 #include <utility>
 
+#include <fcntl.h>
+#include <unistd.h>
+
 #include "absl/strings/str_cat.h"
+#include "common/crc32.h"
 #include "common/framed_file.h"
 #include "common/logging.h"
 #include "common/status_macros.h"
@@ -18,6 +23,9 @@ namespace {
 
 constexpr FrameFormat kCheckpointFormat{"QTRNPSCK", 1, "server checkpoint"};
 constexpr uint64_t kMaxCheckpointBytes = uint64_t{16} << 30;
+constexpr uint32_t kJournalMagic = 0x4E4A5451;  // "QTJN" (little-endian)
+constexpr size_t kJournalHeaderBytes = 12;      // magic, body length, CRC-32 of the body
+constexpr int kCheckpointHistory = 16;          // rounds per bucket kept in a checkpoint
 constexpr uint64_t kFnvOffset = 14695981039346656037ull;
 constexpr uint64_t kFnvPrime = 1099511628211ull;
 
@@ -71,6 +79,10 @@ absl::Status ValidateServerCoreOptions(const ServerCoreOptions& o) {
   return absl::OkStatus();
 }
 
+std::string ServerJournalPath(const std::string& dir, int shard) {
+  return absl::StrCat(dir, "/qserver.shard", shard, ".journal");
+}
+
 std::string ServerCheckpointPath(const std::string& dir, int shard) {
   return (std::filesystem::path(dir) / absl::StrCat("qserver.shard", shard, ".ckpt")).string();
 }
@@ -89,8 +101,137 @@ absl::StatusOr<std::unique_ptr<ServerCore>> ServerCore::Create(const ServerCoreO
     return absl::InvalidArgumentError(absl::StrCat("--codec: ", codec.status().message()));
   }
   core->codec_ = std::move(*codec);
-  if (!o.checkpoint_dir.empty()) RETURN_IF_ERROR(core->Restore());
+  if (!o.checkpoint_dir.empty()) {
+    RETURN_IF_ERROR(core->Restore());
+    std::lock_guard<std::mutex> lock(core->mu_);
+    RETURN_IF_ERROR(core->OpenJournalLocked());
+  }
   return core;
+}
+
+ServerCore::~ServerCore() {
+  if (journal_fd_ >= 0) ::close(journal_fd_);
+}
+
+absl::Status ServerCore::OpenJournalLocked() {
+  std::error_code ec;
+  std::filesystem::create_directories(options_.checkpoint_dir, ec);
+  if (ec) {
+    return absl::UnavailableError(absl::StrCat("cannot create --checkpoint_dir ",
+                                               options_.checkpoint_dir, ": ", ec.message()));
+  }
+  // The restored state (with the journal's rounds) goes into a fresh checkpoint first, so the
+  // journal can start empty.
+  const std::string path = ServerJournalPath(options_.checkpoint_dir, options_.shard);
+  if (restored_) RETURN_IF_ERROR(WriteCheckpointLocked());
+  journal_fd_ = ::open(path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+  if (journal_fd_ < 0) {
+    return absl::UnavailableError(
+        absl::StrCat("cannot open the round journal ", path, ": ", std::strerror(errno)));
+  }
+  if (::ftruncate(journal_fd_, 0) != 0) {
+    return absl::UnavailableError(
+        absl::StrCat("cannot truncate the round journal ", path, ": ", std::strerror(errno)));
+  }
+  return absl::OkStatus();
+}
+
+void ServerCore::AppendJournalLocked(uint32_t bucket_id, const Bucket& b, const Round& round) {
+  if (journal_fd_ < 0) return;
+  pb::PsRound record;
+  record.set_bucket(bucket_id);
+  record.set_step(round.step);
+  record.set_contributors(round.contributors);
+  record.set_encoded(round.encoded);
+  record.set_elements(b.elements);
+  const std::string body = record.SerializeAsString();
+  const uint32_t header[3] = {kJournalMagic, static_cast<uint32_t>(body.size()),
+                              Crc32(body.data(), body.size())};
+  std::string bytes(reinterpret_cast<const char*>(header), kJournalHeaderBytes);
+  bytes += body;
+  // One write() per record: a killed server leaves whole records plus at most one torn tail,
+  // and the record reaches the OS before any worker can pull the round.
+  size_t done = 0;
+  while (done < bytes.size()) {
+    const ssize_t n = ::write(journal_fd_, bytes.data() + done, bytes.size() - done);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      QTRAIN_LOG(ERROR) << "round journal write failed (" << std::strerror(errno)
+                        << "); a server restart may now lose rounds the workers have seen";
+      ::close(journal_fd_);
+      journal_fd_ = -1;
+      return;
+    }
+    done += static_cast<size_t>(n);
+  }
+}
+
+absl::Status ServerCore::ReplayJournalLocked() {
+  const std::string path = ServerJournalPath(options_.checkpoint_dir, options_.shard);
+  std::FILE* file = std::fopen(path.c_str(), "rb");
+  if (file == nullptr) return absl::OkStatus();  // none: nothing closed since the checkpoint
+  std::string bytes;
+  char chunk[1 << 16];
+  for (size_t n; (n = std::fread(chunk, 1, sizeof(chunk), file)) > 0;) bytes.append(chunk, n);
+  const bool read_error = std::ferror(file) != 0;
+  std::fclose(file);
+  if (read_error) return absl::UnavailableError(absl::StrCat("cannot read ", path));
+  size_t at = 0;
+  int replayed = 0;
+  while (at < bytes.size()) {
+    uint32_t header[3] = {0, 0, 0};
+    if (bytes.size() - at < kJournalHeaderBytes) break;  // torn tail
+    std::memcpy(header, bytes.data() + at, kJournalHeaderBytes);
+    if (header[0] != kJournalMagic) {
+      return absl::DataLossError(absl::StrCat("round journal ", path, ": bad record magic at byte ",
+                                              at));
+    }
+    if (bytes.size() - at - kJournalHeaderBytes < header[1]) break;  // torn tail
+    const char* body = bytes.data() + at + kJournalHeaderBytes;
+    pb::PsRound record;
+    if (Crc32(body, header[1]) != header[2] || !record.ParseFromArray(body, header[1])) {
+      // Only the last record can be torn by a kill; anything else is damage.
+      if (at + kJournalHeaderBytes + header[1] == bytes.size()) break;
+      return absl::DataLossError(absl::StrCat("round journal ", path, ": record at byte ", at,
+                                              " is corrupt"));
+    }
+    at += kJournalHeaderBytes + header[1];
+    if (record.bucket() % options_.num_shards != static_cast<uint32_t>(options_.shard) ||
+        record.elements() <= 0 || record.step() < 0) {
+      return absl::DataLossError(absl::StrCat("round journal ", path, ": a record of bucket ",
+                                              record.bucket(), " is inconsistent"));
+    }
+    Bucket& b = buckets_[record.bucket()];
+    if (b.elements != 0 && b.elements != record.elements()) {
+      return absl::DataLossError(absl::StrCat("round journal ", path, ": bucket ",
+                                              record.bucket(), " changes its element count"));
+    }
+    b.elements = record.elements();
+    if (b.open_step >= 0 && record.step() < b.open_step) continue;  // in the checkpoint already
+    if (b.open_step >= 0 && record.step() > b.open_step) {
+      return absl::DataLossError(absl::StrCat("round journal ", path, ": bucket ",
+                                              record.bucket(), " jumps from round ", b.open_step,
+                                              " to ", record.step()));
+    }
+    Round round;
+    round.step = record.step();
+    round.contributors = record.contributors();
+    round.encoded = record.encoded();
+    b.history.push_back(std::move(round));
+    while (static_cast<int>(b.history.size()) > options_.history) b.history.pop_front();
+    b.open_step = record.step() + 1;
+    ++version_;
+    ++replayed;
+  }
+  if (at < bytes.size()) {
+    QTRAIN_LOG(WARNING) << "round journal " << path << ": ignored a torn last record ("
+                        << bytes.size() - at << " bytes; no worker had seen it)";
+  }
+  if (replayed > 0) {
+    QTRAIN_LOG(INFO) << "round journal " << path << ": replayed " << replayed
+                     << " rounds closed after the checkpoint";
+  }
+  return absl::OkStatus();
 }
 
 absl::Status ServerCore::Reject(absl::Status status) {
@@ -303,7 +444,7 @@ absl::Status ServerCore::Push(const pb::PushRequest& request, pb::PushResponse* 
   Bucket& bucket = buckets_[bucket_id];  // (re)lookup: may create it
   if (found == buckets_.end()) bucket = std::move(scratch);
   bucket.elements = static_cast<int64_t>(n);
-  if (bucket.open_step < 0) bucket.open_step = step;  // fresh or restored: resync
+  if (bucket.open_step < 0) bucket.open_step = step;  // a bucket's first round
   if (new_round) {
     bucket.sum = std::move(fresh);
     bucket.opened_at = Now();
@@ -342,6 +483,7 @@ absl::Status ServerCore::CloseRound(uint32_t bucket_id, Bucket& b) {
   if (s.ok()) {
     round.encoded = compression::Serialize(encoded, compression::Checksum::kCrc32);
   }
+  AppendJournalLocked(bucket_id, b, round);
   b.history.push_back(std::move(round));
   while (static_cast<int>(b.history.size()) > options_.history) b.history.pop_front();
   ++b.open_step;
@@ -710,17 +852,36 @@ absl::Status ServerCore::WriteCheckpointLocked() {
     out->set_open_step(b.open_step);
     std::span<const float> residual = codec_->Residual(BucketKey(id));
     out->mutable_residual()->Assign(residual.begin(), residual.end());
+    const size_t keep = std::min<size_t>(b.history.size(), kCheckpointHistory);
+    for (size_t i = b.history.size() - keep; i < b.history.size(); ++i) {
+      pb::PsRound* r = out->add_history();
+      r->set_bucket(id);
+      r->set_step(b.history[i].step);
+      r->set_contributors(b.history[i].contributors);
+      r->set_encoded(b.history[i].encoded);
+      r->set_elements(b.elements);
+    }
   }
   for (const auto& [id, w] : workers_) ckpt.add_workers(id);
   RETURN_IF_ERROR(WriteFramedFile(ServerCheckpointPath(options_.checkpoint_dir, options_.shard),
                                   kCheckpointFormat, ckpt.SerializeAsString()));
   ++checkpoints_;
+  // Every round so far is in the checkpoint now: the journal starts over.
+  if (journal_fd_ >= 0 && ::ftruncate(journal_fd_, 0) != 0) {
+    QTRAIN_LOG(WARNING) << "cannot truncate the round journal: " << std::strerror(errno);
+  }
   return absl::OkStatus();
 }
 
 absl::Status ServerCore::Restore() {
   const std::string path = ServerCheckpointPath(options_.checkpoint_dir, options_.shard);
-  if (!std::filesystem::exists(path)) return absl::OkStatus();
+  if (!std::filesystem::exists(path)) {
+    // Killed before its first checkpoint: the journal alone holds the closed rounds.
+    const uint64_t before = version_;
+    RETURN_IF_ERROR(ReplayJournalLocked());
+    restored_ = version_ != before;
+    return absl::OkStatus();
+  }
   ASSIGN_OR_RETURN(FramedBody body, ReadFramedFile(path, kCheckpointFormat, kMaxCheckpointBytes));
   pb::PsCheckpoint ckpt;
   if (!ckpt.ParseFromString(body.body)) {
@@ -746,7 +907,15 @@ absl::Status ServerCore::Restore() {
     }
     Bucket& b = buckets_[in.bucket()];
     b.elements = in.elements();
-    b.open_step = -1;  // resync from the first push
+    b.open_step = in.open_step();
+    for (const pb::PsRound& r : in.history()) {
+      if (r.step() < 0 || (in.open_step() >= 0 && r.step() >= in.open_step())) {
+        return absl::DataLossError(absl::StrCat("server checkpoint ", path, ": bucket ",
+                                                in.bucket(), " keeps round ", r.step(),
+                                                " but its open round is ", in.open_step()));
+      }
+      b.history.push_back(Round{r.step(), r.encoded(), r.contributors()});
+    }
     if (in.residual_size() > 0) {
       std::vector<float> residual(in.residual().begin(), in.residual().end());
       RETURN_IF_ERROR(codec_->SetResidual(BucketKey(in.bucket()), residual));
@@ -761,6 +930,7 @@ absl::Status ServerCore::Restore() {
   }
   version_ = ckpt.version();
   restored_ = true;
+  RETURN_IF_ERROR(ReplayJournalLocked());
   QTRAIN_LOG(INFO) << "restored " << path << ": version " << version_ << ", "
                    << buckets_.size() << " buckets, " << workers_.size() << " workers";
   return absl::OkStatus();

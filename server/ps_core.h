@@ -39,11 +39,18 @@
 // Checkpoints (checkpoint_dir non-empty): every `checkpoint_every` closed rounds (version
 // multiple) and at Shutdown, a pb::PsCheckpoint framed by common/framed_file.h (magic "QTRNPSCK",
 // version 1, CRC-32, atomic rename) at <checkpoint_dir>/qserver.shard<s>.ckpt: version, each
-// bucket's element count, open round and downlink residual, and the registered workers. At start
-// it is restored when present: the workers are live again (fresh heartbeat clock), and each
-// bucket's open round is re-learned from the first push ("resync"), since the workers may be
-// ahead of the checkpoint (they kept every result they pulled). Rounds closed after the
-// checkpoint are not lost to the workers; only the downlink residual is older.
+// bucket's element count, open round, last 16 closed results and downlink residual, and the
+// registered workers. Between checkpoints every closed round is appended to a journal,
+// <checkpoint_dir>/qserver.shard<s>.journal (records: magic, length, CRC-32, a pb::PsRound),
+// with one write() while the lock is held, i.e. before any worker can pull it; a checkpoint
+// empties the journal. At start the checkpoint is restored when present and the journal replayed
+// on top: every round any worker may have applied is served again with the same bytes, and each
+// bucket's open round is exact, so workers that were at different rounds when the server died
+// stay bit-identical. A torn last record (killed mid-write, never served) is dropped with a
+// warning; any other damage is DATA_LOSS. The workers are live again (fresh heartbeat clock);
+// what is lost is the downlink residual's updates since the checkpoint and the open rounds'
+// partial sums (the workers push again). A process kill loses nothing else; a machine crash can
+// lose journal records the OS had not written (the journal is not fsynced per round).
 //
 // Requests that must change nothing when malformed: a wrong token is UNAUTHENTICATED; an
 // unknown or dropped worker FAILED_PRECONDITION (NOT_REGISTERED); a wrong shard, a bucket not
@@ -109,14 +116,16 @@ struct ServerCoreOptions {
 
 absl::Status ValidateServerCoreOptions(const ServerCoreOptions& options);
 
-// The path of shard `shard`'s checkpoint inside `dir`.
+// The path of shard `shard`'s checkpoint (and round journal) inside `dir`.
 std::string ServerCheckpointPath(const std::string& dir, int shard);
+std::string ServerJournalPath(const std::string& dir, int shard);
 
 class ServerCore {
  public:
   // Restores <checkpoint_dir>/qserver.shard<s>.ckpt when it exists (a corrupt one is DATA_LOSS,
   // one of another shard, codec or layout FAILED_PRECONDITION). INVALID_ARGUMENT for bad options.
   static absl::StatusOr<std::unique_ptr<ServerCore>> Create(const ServerCoreOptions& options);
+  ~ServerCore();
 
   absl::Status Register(const pb::RegisterRequest& request, pb::RegisterResponse* response);
   absl::Status Push(const pb::PushRequest& request, pb::PushResponse* response);
@@ -148,7 +157,7 @@ class ServerCore {
   };
   struct Bucket {
     int64_t elements = 0;          // 0: not known yet
-    int64_t open_step = -1;        // -1: resync (set by the next push)
+    int64_t open_step = -1;        // -1: no round yet (set by the first push)
     std::vector<float> sum;
     std::set<int> pushed;
     double opened_at = -1;         // clock at the round's first push; -1: none yet
@@ -184,6 +193,9 @@ class ServerCore {
   void Changed();
   absl::Status WriteCheckpointLocked();
   absl::Status Restore();
+  absl::Status ReplayJournalLocked();
+  absl::Status OpenJournalLocked();
+  void AppendJournalLocked(uint32_t bucket_id, const Bucket& b, const Round& round);
   uint64_t StateHashLocked() const;
   absl::Status Reject(absl::Status status);
 
@@ -198,6 +210,7 @@ class ServerCore {
   uint64_t rejected_ = 0;
   uint64_t checkpoints_ = 0;
   bool restored_ = false;
+  int journal_fd_ = -1;  // the round journal (append-only), -1 without checkpoint_dir
   std::map<uint32_t, Bucket> buckets_;
   std::map<int, Worker> workers_;
   std::map<uint64_t, CollectiveState> collectives_;

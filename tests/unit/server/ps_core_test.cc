@@ -439,7 +439,7 @@ TEST(ServerCoreTest, CollectivesSumGatherBroadcast) {
   EXPECT_EQ(response.values(0), 6);  // (2 + 2) * 3 / 2
 }
 
-TEST(ServerCoreTest, CheckpointRestoresAndResyncs) {
+TEST(ServerCoreTest, CheckpointRestoresExactRounds) {
   const std::string dir = ::testing::TempDir() + "/ps_core_ckpt";
   std::filesystem::remove_all(dir);
   ServerCoreOptions o = Options("onebit", 1);
@@ -465,12 +465,17 @@ TEST(ServerCoreTest, CheckpointRestoresAndResyncs) {
     EXPECT_EQ(s.live(), 1);  // the worker table came back
     ASSERT_EQ(s.buckets_size(), 1);
     EXPECT_EQ(s.buckets(0).elements(), 4);
-    EXPECT_EQ(s.buckets(0).open_step(), -1);  // resync
-    // The workers are ahead (they kept every result): the first push sets the round.
-    ASSERT_THAT(f.Push(MakePush("onebit", 0, 7, 0, {1, -2, 3, 0.5f})), IsOk());
-    EXPECT_EQ(f.Status().buckets(0).open_step(), 8);
+    EXPECT_EQ(s.buckets(0).open_step(), 3);  // exact: the next round is 3
+    // A worker that had not pulled round 2 yet gets it from the checkpoint's history.
+    ASSERT_THAT(f.Pull(0, 2), IsOk());
+    EXPECT_TRUE(f.Pull(0, 2)->ready());
+    // A push ahead of the open round is FUTURE_STEP, the open round is accepted.
+    EXPECT_THAT(f.Push(MakePush("onebit", 0, 7, 0, {1, -2, 3, 0.5f})),
+                StatusIs(absl::StatusCode::kFailedPrecondition));
+    ASSERT_THAT(f.Push(MakePush("onebit", 0, 3, 0, {1, -2, 3, 0.5f})), IsOk());
+    EXPECT_EQ(f.Status().buckets(0).open_step(), 4);
     // A wrong element count is still refused after the restore.
-    EXPECT_THAT(f.Push(MakePush("onebit", 0, 8, 0, {1, 2})),
+    EXPECT_THAT(f.Push(MakePush("onebit", 0, 4, 0, {1, 2})),
                 StatusIs(absl::StatusCode::kInvalidArgument));
   }
   // Another layout refuses the checkpoint instead of mixing states.
@@ -486,6 +491,99 @@ TEST(ServerCoreTest, CheckpointRestoresAndResyncs) {
     std::fclose(file);
   }
   EXPECT_THAT(ServerCore::Create(o), StatusIs(absl::StatusCode::kDataLoss));
+  std::filesystem::remove_all(dir);
+}
+
+// The server dies (no Shutdown checkpoint) after rounds closed since its last checkpoint; some
+// workers applied them, some not. The restarted server replays its journal and serves the same
+// bytes for each of those rounds, and its open rounds are exact.
+TEST(ServerCoreTest, JournalKeepsRoundsClosedAfterTheCheckpoint) {
+  const std::string dir = ::testing::TempDir() + "/ps_core_journal";
+  std::filesystem::remove_all(dir);
+  ServerCoreOptions o = Options("onebit", 2);
+  o.checkpoint_dir = dir;
+  o.checkpoint_every = 4;
+  std::vector<std::string> served;  // round s of bucket 1 as served before the kill
+  {
+    Fixture f(o);
+    ASSERT_THAT(f.Register(0, "onebit"), IsOk());
+    ASSERT_THAT(f.Register(1, "onebit"), IsOk());
+    for (int step = 0; step < 7; ++step) {  // 7 rounds: a checkpoint at 4, three in the journal
+      for (int w = 0; w < 2; ++w) {
+        ASSERT_THAT(f.Push(MakePush("onebit", w, step, 1, {1.0f + step, -2, 3, w - 0.5f})),
+                    IsOk());
+      }
+      absl::StatusOr<pb::PullResponse> r = f.Pull(0, step, 1);
+      ASSERT_THAT(r, IsOk());
+      ASSERT_TRUE(r->ready());
+      served.push_back(r->updates(0).SerializeAsString());
+    }
+    // Round 7 is half pushed when the server dies.
+    ASSERT_THAT(f.Push(MakePush("onebit", 0, 7, 1, {1, 1, 1, 1})), IsOk());
+    EXPECT_EQ(f.Status().checkpoints_written(), 1u);
+  }
+  ASSERT_TRUE(std::filesystem::exists(ServerJournalPath(dir, 0)));
+  {
+    Fixture f(o);
+    ASSERT_TRUE(f.core->restored());
+    EXPECT_EQ(f.Status().version(), 7u);
+    EXPECT_EQ(f.Status().buckets(0).open_step(), 7);
+    for (int step = 2; step < 7; ++step) {  // 2, 3 from the checkpoint; 4..6 from the journal
+      absl::StatusOr<pb::PullResponse> r = f.Pull(1, step, 1);
+      ASSERT_THAT(r, IsOk());
+      ASSERT_TRUE(r->ready()) << step;
+      EXPECT_EQ(r->updates(0).SerializeAsString(), served[step]) << "round " << step;
+    }
+    // The half-pushed round 7 was lost: worker 0 is asked to push again.
+    absl::StatusOr<pb::PullResponse> open = f.Pull(0, 7, 1);
+    ASSERT_THAT(open, IsOk());
+    EXPECT_FALSE(open->ready());
+    EXPECT_TRUE(open->need_push());
+  }
+  // The restart wrote a checkpoint holding the journal's rounds and emptied the journal.
+  EXPECT_EQ(std::filesystem::file_size(ServerJournalPath(dir, 0)), 0u);
+  {
+    Fixture f(o);
+    EXPECT_EQ(f.Status().version(), 7u);
+    EXPECT_EQ(f.Status().buckets(0).open_step(), 7);
+  }
+  std::filesystem::remove_all(dir);
+}
+
+TEST(ServerCoreTest, TornJournalTailIsDroppedDamageIsDataLoss) {
+  const std::string dir = ::testing::TempDir() + "/ps_core_torn";
+  std::filesystem::remove_all(dir);
+  ServerCoreOptions o = Options("onebit", 1);
+  o.checkpoint_dir = dir;
+  o.checkpoint_every = 100;
+  {
+    Fixture f(o);
+    ASSERT_THAT(f.Register(0, "onebit"), IsOk());
+    for (int step = 0; step < 3; ++step) {
+      ASSERT_THAT(f.Push(MakePush("onebit", 0, step, 0, {1, -2, 3, 0.5f})), IsOk());
+    }
+  }
+  const std::string journal = ServerJournalPath(dir, 0);
+  const uintmax_t whole = std::filesystem::file_size(journal);
+  // A kill in the middle of the third record's write: two rounds come back.
+  std::filesystem::resize_file(journal, whole - 5);
+  {
+    Fixture f(o);
+    EXPECT_EQ(f.Status().version(), 2u);
+    EXPECT_EQ(f.Status().buckets(0).open_step(), 2);
+    ASSERT_THAT(f.Register(0, "onebit"), IsOk());  // no checkpoint held the worker table
+    ASSERT_THAT(f.Push(MakePush("onebit", 0, 2, 0, {1, -2, 3, 0.5f})), IsOk());
+    ASSERT_THAT(f.Push(MakePush("onebit", 0, 3, 0, {1, -2, 3, 0.5f})), IsOk());
+  }
+  // A flipped byte inside the first of two records is damage, not a torn tail.
+  {
+    std::FILE* file = std::fopen(journal.c_str(), "r+b");
+    ASSERT_NE(file, nullptr);
+    std::fseek(file, 20, SEEK_SET);
+    std::fputc('Z', file);
+    std::fclose(file);
+  }
+  EXPECT_THAT(ServerCore::Create(o), StatusIs(absl::StatusCode::kDataLoss, HasSubstr("journal")));
   std::filesystem::remove_all(dir);
 }
 
