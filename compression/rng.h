@@ -6,17 +6,30 @@
 // gives the same payload. Each Encode call takes one new stream.
 //
 // Not thread-safe (NextStream mutates); use one Rng per thread. Cost: a few integer ops per draw.
+//
+// Mix32, Uniform24 and StreamUniform are also device functions when compiled by nvcc, so the CUDA
+// codecs (compression/cuda/) draw exactly the numbers the CPU codecs draw; the stream key is
+// still taken on the host with Rng::NextStream().
 #ifndef QTRAIN_COMPRESSION_RNG_H_
 #define QTRAIN_COMPRESSION_RNG_H_
 
 #include <cstdint>
+
+// `__host__ __device__` under nvcc, nothing for the host compiler.
+#ifndef QTRAIN_HOST_DEVICE
+#ifdef __CUDACC__
+#define QTRAIN_HOST_DEVICE __host__ __device__
+#else
+#define QTRAIN_HOST_DEVICE
+#endif
+#endif
 
 namespace qtrain::compression {
 
 inline constexpr uint32_t kRngGolden = 0x9E3779B9u;
 
 // "lowbias32" integer hash (C. Wellons): a bijection on 32-bit words with good avalanche.
-inline uint32_t Mix32(uint32_t x) {
+QTRAIN_HOST_DEVICE inline uint32_t Mix32(uint32_t x) {
   x ^= x >> 16;
   x *= 0x7feb352dU;
   x ^= x >> 15;
@@ -26,10 +39,14 @@ inline uint32_t Mix32(uint32_t x) {
 }
 
 // Uniform in [0, 1) with 24 random bits; exact in float.
-inline float Uniform24(uint32_t bits) { return static_cast<float>(bits >> 8) * 0x1p-24f; }
+QTRAIN_HOST_DEVICE inline float Uniform24(uint32_t bits) {
+  return static_cast<float>(bits >> 8) * 0x1p-24f;
+}
 
 // The draw for element i under a stream key.
-inline float StreamUniform(uint32_t key, uint32_t i) { return Uniform24(Mix32(i * kRngGolden + key)); }
+QTRAIN_HOST_DEVICE inline float StreamUniform(uint32_t key, uint32_t i) {
+  return Uniform24(Mix32(i * kRngGolden + key));
+}
 
 class Rng {
  public:

@@ -1,0 +1,214 @@
+// QSGD, dense coding, on the GPU. Math and byte layout are compression/qsgd.h's: per bucket of d
+// elements norm = sqrtf(sum v^2), l_i = min(floorf(|v_i| * (s / norm) + U_i), s) with
+// U_i = StreamUniform(key, i), code = l | sign << (b - 1) at bits [i*b, i*b + b), scales = the
+// bucket norms, params = [s, d]. The Elias coding stays on the CPU.
+//
+// Differences from the CPU codec:
+//   - The sum of squares is a shuffle tree over the block (each thread first adds its own
+//     elements in order), not the CPU's 8-accumulator order, so a norm may differ from the CPU's
+//     in its last bits (relative difference below about (d/8 + log2 d) * 2^-24). Through
+//     s / norm that can move r_i + U_i across an integer, which changes the level of an element by
+//     one with probability about that relative difference times s: a handful of elements in
+//     millions. Everything else (the draws U_i, the rounding of each product) is the CPU's.
+//   - A bucket whose norm is not finite keeps its old residual and marks the blob invalid (the
+//     CPU codec returns INVALID_ARGUMENT).
+//
+// Encode with error feedback: one block per bucket (d <= 8192, the default 512 included) holds v
+// in registers: grad and residual are read once, codes, norm and residual written once. The
+// codes of each warp's 32 consecutive elements are assembled into b words with warp shuffles and
+// stored whole (or OR-ed into a zeroed payload when buckets do not start on 32-element
+// boundaries). Buckets over 8192 elements are read twice by one 1024-thread block each.
+// Decode-add: one kernel validates every norm and code, a second adds (one pass over out).
+#include <algorithm>
+
+#include "compression/cuda/codec_kernels.h"
+#include "compression/cuda/device_util.cuh"
+
+namespace qtrain::compression::cuda {
+namespace {
+
+// The bucket's norm from the block's partial sums of squares; thread 0 stores it (and marks the
+// blob on a non-finite norm).
+__device__ float FinishBucket(const QsgdEncodeArgs& a, uint64_t bucket, float sum_squares) {
+  __shared__ float smem[32];
+  const float total = BlockReduce(sum_squares, FloatSumOp(), 0.0f, smem);
+  const float norm = SqrtRn(total);
+  if (threadIdx.x == 0) {
+    reinterpret_cast<float*>(a.blob + a.scales_offset)[bucket] = norm;
+    if (!IsFiniteF(norm)) MarkNonFinite(a.blob);
+  }
+  return norm;
+}
+
+// Quantizes v (element i of the tensor; `in` false past the bucket's end), packs the warp's codes
+// and writes the residual.
+__device__ __forceinline__ void QuantizeAndStore(const QsgdEncodeArgs& a, float v, bool in,
+                                                 uint64_t i, uint64_t group_first, bool store_group,
+                                                 QsgdBucketParams p, bool finite,
+                                                 float* residual_slot) {
+  const float levels_f = static_cast<float>(a.levels);
+  uint32_t level = 0;
+  bool negative = false;
+  if (in) {
+    level = QsgdLevel(v, static_cast<uint32_t>(i), a.key, p.scale, levels_f);
+    negative = level != 0 && (FloatBits(v) >> 31) != 0;
+  }
+  const uint32_t code = level | (uint32_t{negative} << (a.bits - 1));
+  if (store_group) {  // warp-uniform
+    StoreCodeWords(reinterpret_cast<uint32_t*>(a.blob + a.payload_offset), a.payload_words,
+                   group_first * a.bits, code, a.bits, a.atomic_bits);
+  }
+  if (in && residual_slot != nullptr && finite) {
+    *residual_slot = SubRn(v, QsgdDecodedValue(level, negative, p.unit));
+  }
+}
+
+template <int kItems>
+__global__ void __launch_bounds__(256) QsgdEncodeRegisters(QsgdEncodeArgs a) {
+  const uint64_t bucket = blockIdx.x;
+  const uint64_t lo = bucket * a.bucket;
+  const uint32_t len = static_cast<uint32_t>(min(uint64_t{a.bucket}, a.n - lo));
+  const float* grad = a.grad + lo;
+  float* residual = a.residual != nullptr ? a.residual + lo : nullptr;
+  float v[kItems];
+#pragma unroll
+  for (int k = 0; k < kItems; ++k) {
+    const uint32_t j = k * blockDim.x + threadIdx.x;
+    v[k] = j < len ? grad[j] : 0.0f;
+  }
+  if (residual != nullptr) {
+#pragma unroll
+    for (int k = 0; k < kItems; ++k) {
+      const uint32_t j = k * blockDim.x + threadIdx.x;
+      if (j < len) v[k] = AddRn(v[k], residual[j]);
+    }
+  }
+  float sum_squares = 0.0f;
+#pragma unroll
+  for (int k = 0; k < kItems; ++k) {
+    const uint32_t j = k * blockDim.x + threadIdx.x;
+    if (j < len) sum_squares = AddRn(sum_squares, MulRn(v[k], v[k]));
+  }
+  const float norm = FinishBucket(a, bucket, sum_squares);
+  const QsgdBucketParams p = QsgdParamsFor(norm, a.levels);
+  const bool finite = IsFiniteF(norm);
+#pragma unroll
+  for (int k = 0; k < kItems; ++k) {
+    const uint32_t j = k * blockDim.x + threadIdx.x;
+    const uint32_t group = k * blockDim.x + 32 * WarpId();
+    QuantizeAndStore(a, v[k], j < len, lo + j, lo + group, group < len, p, finite,
+                     residual != nullptr ? residual + j : nullptr);
+  }
+}
+
+__global__ void __launch_bounds__(kLoopThreads) QsgdEncodeLoop(QsgdEncodeArgs a) {
+  const uint64_t bucket = blockIdx.x;
+  const uint64_t lo = bucket * a.bucket;
+  const uint32_t len = static_cast<uint32_t>(min(uint64_t{a.bucket}, a.n - lo));
+  const float* grad = a.grad + lo;
+  float* residual = a.residual != nullptr ? a.residual + lo : nullptr;
+  float sum_squares = 0.0f;
+  for (uint32_t j = threadIdx.x; j < len; j += blockDim.x) {
+    const float v = residual != nullptr ? AddRn(grad[j], residual[j]) : grad[j];
+    sum_squares = AddRn(sum_squares, MulRn(v, v));
+  }
+  const float norm = FinishBucket(a, bucket, sum_squares);
+  const QsgdBucketParams p = QsgdParamsFor(norm, a.levels);
+  const bool finite = IsFiniteF(norm);
+  for (uint32_t base = 0; base < len; base += blockDim.x) {  // uniform trip count: shuffles
+    const uint32_t j = base + threadIdx.x;
+    const bool in = j < len;
+    float v = 0.0f;
+    if (in) v = residual != nullptr ? AddRn(grad[j], residual[j]) : grad[j];
+    const uint32_t group = base + 32 * WarpId();
+    QuantizeAndStore(a, v, in, lo + j, lo + group, group < len, p, finite,
+                     residual != nullptr ? residual + j : nullptr);
+  }
+}
+
+constexpr uint32_t kThreads = 256;
+constexpr uint32_t kItems = 4;
+
+// Every norm finite with its sign bit clear; every code valid for its bucket.
+__global__ void __launch_bounds__(kThreads) QsgdCheckPayload(QsgdDecodeArgs q) {
+  const DecodeArgs& a = q.d;
+  if (*a.error != kDecodeOk) return;
+  const DevBlobLayout l = BlobLayoutOf(a.blob);
+  const float* norms = reinterpret_cast<const float*>(a.blob + l.scales_offset);
+  const uint32_t* payload = reinterpret_cast<const uint32_t*>(a.blob + l.payload_offset);
+  const uint64_t stride = uint64_t{gridDim.x} * blockDim.x;
+  for (uint64_t i = uint64_t{blockIdx.x} * blockDim.x + threadIdx.x; i < a.n; i += stride) {
+    const uint32_t k = static_cast<uint32_t>(i) / q.bucket;  // i < 2^31
+    const float norm = norms[k];
+    if (static_cast<uint32_t>(i) % q.bucket == 0 && !QsgdNormValid(norm)) {
+      ReportError(a.error, kErrScaleValue);
+    }
+    const uint32_t code = ReadCode(payload, i, q.bits);
+    ReportError(a.error, QsgdCodeError(code, q.levels, q.bits, norm == 0.0f));
+  }
+}
+
+__global__ void __launch_bounds__(kThreads) QsgdDecodeAddKernel(QsgdDecodeArgs q) {
+  const DecodeArgs& a = q.d;
+  if (*a.error != kDecodeOk) return;
+  const DevBlobLayout l = BlobLayoutOf(a.blob);
+  const float* norms = reinterpret_cast<const float*>(a.blob + l.scales_offset);
+  const uint32_t* payload = reinterpret_cast<const uint32_t*>(a.blob + l.payload_offset);
+  const uint32_t level_mask = (1u << (q.bits - 1)) - 1;
+  const uint64_t base = uint64_t{blockIdx.x} * (kThreads * kItems) + threadIdx.x;
+  float o[kItems];
+  uint32_t code[kItems];
+#pragma unroll
+  for (uint32_t k = 0; k < kItems; ++k) {
+    const uint64_t i = base + k * kThreads;
+    o[k] = i < a.n ? a.out[i] : 0.0f;
+    code[k] = i < a.n ? ReadCode(payload, i, q.bits) : 0;
+  }
+#pragma unroll
+  for (uint32_t k = 0; k < kItems; ++k) {
+    const uint64_t i = base + k * kThreads;
+    const uint32_t level = code[k] & level_mask;
+    if (i >= a.n || level == 0) continue;  // level-0 elements stay untouched (-0.0 included)
+    const float norm = norms[static_cast<uint32_t>(i) / q.bucket];
+    const float unit = QsgdParamsFor(norm, q.levels).unit;
+    a.out[i] = AddRn(o[k], QsgdDecodedValue(level, (code[k] >> (q.bits - 1)) != 0, unit));
+  }
+}
+
+uint32_t Blocks(uint64_t n) {
+  return static_cast<uint32_t>((n + kThreads * kItems - 1) / (kThreads * kItems));
+}
+
+}  // namespace
+
+cudaError_t LaunchQsgdEncode(const QsgdEncodeArgs& a, cudaStream_t stream) {
+  if (a.n == 0) return cudaSuccess;
+  const uint64_t buckets = (a.n + a.bucket - 1) / a.bucket;
+  const SegmentPlan plan = PlanSegment(a.n < a.bucket ? a.n : a.bucket);
+  const dim3 grid(static_cast<uint32_t>(buckets));
+  if (plan.loop) {
+    QsgdEncodeLoop<<<grid, kLoopThreads, 0, stream>>>(a);
+  } else if (plan.items == 4) {
+    QsgdEncodeRegisters<4><<<grid, plan.threads, 0, stream>>>(a);
+  } else if (plan.items == 8) {
+    QsgdEncodeRegisters<8><<<grid, plan.threads, 0, stream>>>(a);
+  } else if (plan.items == 16) {
+    QsgdEncodeRegisters<16><<<grid, plan.threads, 0, stream>>>(a);
+  } else {
+    QsgdEncodeRegisters<32><<<grid, plan.threads, 0, stream>>>(a);
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchQsgdDecodeAdd(const QsgdDecodeArgs& q, cudaStream_t stream) {
+  if (q.d.n == 0) return cudaSuccess;
+  const uint32_t blocks = Blocks(q.d.n);
+  const uint32_t check_blocks = std::min(blocks * kItems, 4096u);
+  QsgdCheckPayload<<<check_blocks, kThreads, 0, stream>>>(q);
+  cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess) return e;
+  QsgdDecodeAddKernel<<<blocks, kThreads, 0, stream>>>(q);
+  return cudaGetLastError();
+}
+
+}  // namespace qtrain::compression::cuda
