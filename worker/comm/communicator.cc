@@ -12,6 +12,13 @@ StepStats& StepStats::operator+=(const StepStats& other) {
   return *this;
 }
 
+absl::Status Communicator::AllReduceMeanDevice(std::string_view key, float* d_data, size_t n,
+                                               void* cuda_stream, StepStats* stats) {
+  return absl::UnimplementedError(
+      "AllReduceMeanDevice: this communicator works on host buffers only (see "
+      "SupportsDeviceBuffers)");
+}
+
 absl::StatusOr<double> Communicator::AllReduceSumScalar(double value) {
   double values[1] = {value};
   absl::Status status = AllReduceSum(values);

@@ -1,8 +1,9 @@
 // The transport-neutral collective interface the trainer uses to average gradients across
 // data-parallel workers, plus the small collectives a run needs around it (initial weights,
 // metric sums, the end-of-run weight hash check). Adapters: LocalCommunicator (one process, no
-// MPI), MpiCommunicator (worker/comm/mpi_communicator.h); NCCL and parameter-server adapters
-// follow the same contract.
+// MPI), MpiCommunicator (worker/comm/mpi_communicator.h), NcclCommunicator
+// (worker/comm/nccl_communicator.h, also on device buffers) and the parameter-server client follow
+// the same contract.
 //
 // Contract. Every rank calls the same collectives in the same order with the same sizes and keys
 // (as with MPI). AllReduceMean leaves the same bits in `data` on every rank: an adapter that
@@ -74,6 +75,18 @@ class Communicator {
   // ranks' decoded payloads. `stats` may be null.
   virtual absl::Status AllReduceMean(std::string_view key, std::span<float> data,
                                      StepStats* stats) = 0;
+
+  // Device buffers (adapters that keep gradients on a GPU; today NcclCommunicator). When true,
+  // AllReduceMeanDevice does what AllReduceMean does on `n` floats of device memory: `d_data` is
+  // read after the work already enqueued on `cuda_stream` (a cudaStream_t, passed as void* so
+  // this header needs no CUDA) and holds the mean once later work on that stream runs; the call
+  // may return before the result is there (the adapter orders its own stream after the caller's
+  // and the caller's after its own). The caller must not touch `d_data` outside that stream
+  // order until then. Same keys, errors and residuals as AllReduceMean.
+  virtual bool SupportsDeviceBuffers() const { return false; }
+  // Default: UNIMPLEMENTED.
+  virtual absl::Status AllReduceMeanDevice(std::string_view key, float* d_data, size_t n,
+                                           void* cuda_stream, StepStats* stats);
 
   // Copies `root`'s data into every rank's `data` (same size on all ranks). Exact (no codec).
   virtual absl::Status Broadcast(std::span<float> data, int root) = 0;
