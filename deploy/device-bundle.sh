@@ -33,7 +33,11 @@ for b in "${bins[@]}"; do
   [[ -x $src ]] || { echo "missing $src (run deploy/build.sh first)" >&2; exit 1; }
   cp "$src" "$stage/bin/"
   # ldd prints "name => /path (addr)" for libraries and "/path (addr)" for the loader.
+  # The GPU driver, cuBLAS and NCCL come from the GPU machine (they are hundreds of MB and must
+  # match its driver): /usr/local/cuda/lib64, and NCCL from PyTorch's wheel when the image has
+  # no libnccl of its own.
   ldd "$src" | awk '/=>/ && $3 ~ /^\// {print $3} !/=>/ && $1 ~ /^\// {print $1}' |
+    grep -Ev '/lib(cuda|cublas|cublasLt|nccl|nvidia-ml)\.so' |
     while read -r lib; do cp -L "$lib" "$stage/lib/"; done
 done
 loader=$(cd "$stage/lib" && ls ld-linux-x86-64.so.* | head -n1)
@@ -41,7 +45,12 @@ cat >"$stage/run" <<EOF
 #!/usr/bin/env bash
 here=\$(cd "\$(dirname "\$0")" && pwd)
 name=\$1; shift
-exec "\$here/lib/$loader" --library-path "\$here/lib" "\$here/bin/\$name" "\$@"
+libs=\$here/lib
+for d in /usr/local/cuda/lib64 /usr/lib/x86_64-linux-gnu /opt/torch/.venv/lib/python3*/site-packages/nvidia/nccl/lib \\
+         /opt/torch/.venv/lib/python3*/site-packages/nvidia/cu13/lib; do
+  [[ -d \$d ]] && libs=\$libs:\$d
+done
+exec "\$here/lib/$loader" --library-path "\$libs" "\$here/bin/\$name" "\$@"
 EOF
 chmod +x "$stage/run"
 if [[ $with_data -eq 1 ]]; then

@@ -23,6 +23,13 @@
 #include "common/logging.h"
 #include "common/status_macros.h"
 #include "common/timer.h"
+#ifdef QTRAIN_HAVE_CUDA
+#include "worker/nn/cuda/cuda_engine.h"
+#endif
+#ifdef QTRAIN_HAVE_NCCL
+#include "worker/comm/nccl_communicator.h"
+#include "worker/comm/rendezvous.h"
+#endif
 #include "worker/comm/bucket_codec.h"
 #include "worker/comm/local_communicator.h"
 #include "worker/comm/mpi_communicator.h"
@@ -52,6 +59,13 @@ ABSL_FLAG(double, momentum, 0.9, "SGD momentum (0 disables).");
 ABSL_FLAG(double, weight_decay, 5e-4, "L2 weight decay on weights (not biases or BN).");
 ABSL_FLAG(bool, nesterov, false, "Nesterov momentum.");
 ABSL_FLAG(int, threads, 0, "Compute threads (0 = every core of the machine).");
+ABSL_FLAG(std::string, device, "cpu",
+          "Where the training step runs: cpu, or cuda (one GPU per process: LOCAL_RANK's, else 0).");
+ABSL_FLAG(bool, cuda_graphs, true, "--device=cuda: capture each step in CUDA graphs.");
+ABSL_FLAG(bool, nccl, true,
+          "--device=cuda with several ranks: average gradients on the GPUs through NCCL (ranks "
+          "from mpirun, or from RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT as deploy/launch-local.sh "
+          "and torchrun set them); false: through MPI on host copies.");
 ABSL_FLAG(uint64_t, seed, 1, "Seed for initialization, shuffling and augmentation.");
 ABSL_FLAG(int64_t, max_train, 0, "Use only the first N training examples (0 = all).");
 ABSL_FLAG(int64_t, max_test, 0, "Use only the first N test examples (0 = all).");
@@ -373,6 +387,22 @@ absl::Status RunTraining(const CommConfig& comm_config, comm::Communicator* comm
                                   " lr=", options.lr.base_lr, " seed=", options.seed,
                                   " quant=", quant_config.ToString());
 
+  const std::string device = absl::GetFlag(FLAGS_device);
+  if (device == "cuda") {
+#ifdef QTRAIN_HAVE_CUDA
+    nn::cuda::CudaEngineOptions engine_options;
+    engine_options.graphs = absl::GetFlag(FLAGS_cuda_graphs);
+    options.engine = nn::cuda::CudaEngineFactory(engine_options);
+#else
+    return absl::FailedPreconditionError(
+        "--device=cuda: this qtrain was built without CUDA (build where nvcc is found, "
+        "QTRAIN_CUDA=AUTO or ON)");
+#endif
+  } else if (device != "cpu") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--device must be cpu or cuda, got '", device, "'"));
+  }
+
   train::ModelInfo info{model_spec.name, model_spec.input, model_spec.num_classes};
   std::unique_ptr<train::Trainer> trainer;
   if (phases.empty()) {
@@ -455,6 +485,42 @@ absl::Status RunTraining(const CommConfig& comm_config, comm::Communicator* comm
 }  // namespace
 }  // namespace qtrain
 
+namespace qtrain {
+
+// Runs the training with `communicator`, printing the error; returns the exit code.
+int RunOrReport(const CommConfig& config, comm::Communicator* communicator) {
+  const absl::Status status = RunTraining(config, communicator);
+  if (!status.ok()) {
+    std::fprintf(stderr, "qtrain: %s\n", status.ToString().c_str());
+    return 1;
+  }
+  return 0;
+}
+
+#ifdef QTRAIN_HAVE_NCCL
+absl::StatusOr<std::unique_ptr<comm::Communicator>> CreateNccl(const CommConfig& config,
+                                                               const comm::NcclBootstrap& boot) {
+  comm::NcclOptions nccl;
+  nccl.codec_spec = config.codec;
+  nccl.error_feedback = config.feedback;
+  ASSIGN_OR_RETURN(nccl.algorithm, comm::ParseNcclAlgorithm(absl::GetFlag(FLAGS_allreduce)));
+  nccl.timeout_seconds = config.timeout_seconds;
+  nccl.seed = absl::GetFlag(FLAGS_seed);
+  return comm::CreateNcclCommunicator(boot, nccl);
+}
+#endif
+
+// True when --device=cuda ranks should average through NCCL.
+bool UseNccl() {
+#ifdef QTRAIN_HAVE_NCCL
+  return absl::GetFlag(FLAGS_device) == "cuda" && absl::GetFlag(FLAGS_nccl);
+#else
+  return false;
+#endif
+}
+
+}  // namespace qtrain
+
 int main(int argc, char** argv) {
   absl::FlagsUsageConfig usage;
   usage.contains_help_flags = [](absl::string_view file) {
@@ -523,6 +589,22 @@ int main(int argc, char** argv) {
     }
     return 0;
   }
+#ifdef QTRAIN_HAVE_NCCL
+  if (qtrain::UseNccl() && !qtrain::comm::LaunchedByMpirun() && std::getenv("RANK") != nullptr &&
+      std::getenv("WORLD_SIZE") != nullptr) {
+    // Launched torchrun-style (deploy/launch-local.sh): NCCL bootstraps over the TCP rendezvous.
+    absl::StatusOr<qtrain::comm::LaunchEnv> env = qtrain::comm::LaunchEnvFromEnvironment();
+    absl::StatusOr<std::unique_ptr<qtrain::comm::Communicator>> communicator =
+        env.ok() ? qtrain::CreateNccl(*config, qtrain::comm::BootstrapFromLaunchEnv(*env))
+                 : env.status();
+    if (!communicator.ok()) {
+      std::fprintf(stderr, "qtrain: %s\n", communicator.status().ToString().c_str());
+      return 1;
+    }
+    if ((*communicator)->rank() != 0) qtrain::SetMinLogSeverity(qtrain::LogSeverity::kWarning);
+    return qtrain::RunOrReport(*config, communicator->get());
+  }
+#endif
   if (!qtrain::comm::LaunchedByMpirun()) {
     qtrain::comm::LocalOptions local;
     local.codec_spec = config->codec;
@@ -530,14 +612,11 @@ int main(int argc, char** argv) {
     local.seed = absl::GetFlag(FLAGS_seed);
     absl::StatusOr<std::unique_ptr<qtrain::comm::LocalCommunicator>> communicator =
         qtrain::comm::LocalCommunicator::Create(local);
-    absl::Status status = communicator.ok()
-                              ? qtrain::RunTraining(*config, communicator->get())
-                              : communicator.status();
-    if (!status.ok()) {
-      std::fprintf(stderr, "qtrain: %s\n", status.ToString().c_str());
+    if (!communicator.ok()) {
+      std::fprintf(stderr, "qtrain: %s\n", communicator.status().ToString().c_str());
       return 1;
     }
-    return 0;
+    return qtrain::RunOrReport(*config, communicator->get());
   }
 
   // Under mpirun: one MpiCommunicator; any error ends the whole job (MPI_Abort) so that no
@@ -559,7 +638,20 @@ int main(int argc, char** argv) {
     if (communicator.ok()) {
       // Rank 0 speaks for the job; the others report warnings and errors only.
       if ((*communicator)->rank() != 0) qtrain::SetMinLogSeverity(qtrain::LogSeverity::kWarning);
+#ifdef QTRAIN_HAVE_NCCL
+      if (qtrain::UseNccl()) {
+        // MPI carries NCCL's unique id; the gradients then travel through NCCL.
+        const char* local_rank = std::getenv("OMPI_COMM_WORLD_LOCAL_RANK");
+        absl::StatusOr<std::unique_ptr<qtrain::comm::Communicator>> nccl = qtrain::CreateNccl(
+            *config, qtrain::comm::BootstrapOverCommunicator(
+                         communicator->get(), local_rank != nullptr ? std::atoi(local_rank) : 0));
+        status = nccl.ok() ? qtrain::RunTraining(*config, nccl->get()) : nccl.status();
+      } else {
+        status = qtrain::RunTraining(*config, communicator->get());
+      }
+#else
       status = qtrain::RunTraining(*config, communicator->get());
+#endif
     } else {
       status = communicator.status();
     }

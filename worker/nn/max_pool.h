@@ -31,6 +31,8 @@ class MaxPool2d : public Layer {
   void Forward(RunContext& ctx, const Tensor& x, Tensor* y) override;
   void Backward(RunContext& ctx, const Tensor& dy, Tensor* dx) override;
 
+  const MaxPoolOptions& options() const { return options_; }
+
  private:
   kernels::Pool2dShape KernelShape(const Shape& input) const;
   absl::Status ValidateInput(const Shape& input) const;
