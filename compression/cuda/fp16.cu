@@ -32,6 +32,9 @@ __global__ void __launch_bounds__(kThreads) Fp16EncodeKernel(Fp16EncodeArgs a) {
     const float v = a.residual != nullptr ? AddRn(g[k], r[k]) : g[k];
     const uint16_t h = FloatToHalfBits(v);
     payload[i] = h;
+    // Odd n: the last payload word's upper half is padding, which must be zero (the header
+    // kernel zeroes only the whole words after the payload).
+    if (i + 1 == a.n && (a.n & 1) != 0) payload[a.n] = 0;
     if (a.residual != nullptr) a.residual[i] = SubRn(v, HalfBitsToFloat(h));
   }
 }
