@@ -46,8 +46,9 @@ cat >"$stage/run" <<EOF
 here=\$(cd "\$(dirname "\$0")" && pwd)
 name=\$1; shift
 libs=\$here/lib
-for d in /usr/local/cuda/lib64 /usr/lib/x86_64-linux-gnu /opt/torch/.venv/lib/python3*/site-packages/nvidia/nccl/lib \\
-         /opt/torch/.venv/lib/python3*/site-packages/nvidia/cu13/lib; do
+# PyTorch's NCCL before the system's: a system libnccl may need a newer glibc than the bundled one.
+for d in /usr/local/cuda/lib64 /opt/torch/.venv/lib/python3*/site-packages/nvidia/nccl/lib \\
+         /opt/torch/.venv/lib/python3*/site-packages/nvidia/cu13/lib /usr/lib/x86_64-linux-gnu; do
   [[ -d \$d ]] && libs=\$libs:\$d
 done
 exec "\$here/lib/$loader" --library-path "\$libs" "\$here/bin/\$name" "\$@"

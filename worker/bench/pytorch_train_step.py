@@ -1,10 +1,14 @@
 #!/usr/bin/env python3
 """PyTorch yardstick for kernel_bench's BM_TrainStep: images/s of one SGD training step
 (forward, cross-entropy, backward, SGD with momentum and weight decay) at batch 128 on the CPU,
-for the same mlp / cnn / resnet20 architectures qtrain builds (worker/nn/model.h).
+for the same mlp / cnn / resnet20 architectures qtrain builds (worker/nn/model.h), on the CPU or,
+with --device cuda, on a GPU (cuDNN, eager; the yardstick of kernel_bench's BM_CudaTrainStep).
+On the GPU each step does what qtrain's CUDA step does: copy the batch in from pinned host memory
+and read the loss back (one host sync). TF32 is off unless --tf32 (qtrain's kernels are FP32).
 
 Run it pinned to the same cores as qtrain's benchmark, e.g.
     taskset -c 0,1 python3 worker/bench/pytorch_train_step.py --threads 2
+    python3 worker/bench/pytorch_train_step.py --device cuda
 Prints one line per model: "pytorch <model> batch=128 threads=2 images_per_second=N".
 """
 import argparse
@@ -68,21 +72,38 @@ def main():
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--models", default="mlp,cnn,resnet20")
     p.add_argument("--seconds", type=float, default=10.0)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--tf32", action="store_true", help="allow TF32 in cuDNN and matmul (GPU)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
+    dev = torch.device(a.device)
+    gpu = dev.type == "cuda"
+    if gpu:
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.allow_tf32 = a.tf32
+        torch.backends.cuda.matmul.allow_tf32 = a.tf32
     for name in a.models.split(","):
         model = {"mlp": lambda: mlp(1, 28, 10), "cnn": lambda: cnn(1, 28, 10),
-                 "resnet20": lambda: resnet20(1, 10)}[name]()
+                 "resnet20": lambda: resnet20(1, 10)}[name]().to(dev)
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
         x = torch.randn(a.batch, 1, 28, 28)
         y = torch.randint(0, 10, (a.batch,))
+        if gpu:
+            x, y = x.pin_memory(), y.pin_memory()
         model.train()
 
         def step():
             opt.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x), y).backward()
-            opt.step()
+            if gpu:
+                loss = F.cross_entropy(model(x.to(dev, non_blocking=True)),
+                                       y.to(dev, non_blocking=True))
+                loss.backward()
+                opt.step()
+                loss.item()
+            else:
+                F.cross_entropy(model(x), y).backward()
+                opt.step()
 
         for _ in range(5):
             step()
@@ -91,7 +112,9 @@ def main():
             step()
             n += 1
         dt = time.perf_counter() - t0
-        print(f"pytorch {name} batch={a.batch} threads={a.threads} "
+        where = f"device={torch.cuda.get_device_name(dev)} tf32={int(a.tf32)}" if gpu else \
+            f"threads={a.threads}"
+        print(f"pytorch {name} batch={a.batch} {where} "
               f"images_per_second={n * a.batch / dt:.1f} torch={torch.__version__}", flush=True)
 
 
