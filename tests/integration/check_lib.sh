@@ -31,6 +31,30 @@ check() {
   last_output=$out
 }
 
+# require_netns <test name>: exits 77 (ctest: skipped) unless this runs as root with a working
+# `ip netns`, and 1 unless Fashion-MNIST is installed.
+require_netns() {
+  local probe=qtrain-probe-$$ err
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "SKIP: $1 needs root to create network namespaces (running as uid $(id -u))"
+    exit 77
+  fi
+  if ! command -v ip >/dev/null; then
+    echo "SKIP: the 'ip' command (iproute2) is missing"
+    exit 77
+  fi
+  if ! err=$(ip netns add "$probe" 2>&1) || ! ip netns exec "$probe" true 2>/dev/null; then
+    ip netns del "$probe" 2>/dev/null
+    echo "SKIP: 'ip netns' is not permitted here (an unprivileged container?): ${err:-exec failed}"
+    exit 77
+  fi
+  ip netns del "$probe"
+  if [ ! -d /usr/share/datasets/fashion-mnist ]; then
+    echo "fashion-mnist is not installed at /usr/share/datasets/fashion-mnist (deploy/install-deps.sh installs it)"
+    exit 1
+  fi
+}
+
 finish() {
   echo "$passed passed, $failed failed"
   [ "$failed" -eq 0 ]

@@ -10,37 +10,16 @@ set -uo pipefail
 qtrain=$1
 export MPIRUN=${2:-mpirun}
 cluster_sh="$(cd "$(dirname "$0")/../.." && pwd)/deploy/netns-cluster.sh"
-data=/usr/share/datasets/fashion-mnist
 # A cluster id of its own (namespaces qtrain42-h1..4, 10.77.42.0/24), so that the test never
 # touches a cluster someone brought up with the default id.
 export QTRAIN_NETNS_CLUSTER=${QTRAIN_NETNS_CLUSTER:-42}
 ns=qtrain$QTRAIN_NETNS_CLUSTER-h
 veth=qt${QTRAIN_NETNS_CLUSTER}v
-skip=77
-
-if [ "$(id -u)" -ne 0 ]; then
-  echo "SKIP: netns_mpi_test needs root to create network namespaces (running as uid $(id -u))"
-  exit $skip
-fi
-if ! command -v ip >/dev/null; then
-  echo "SKIP: the 'ip' command (iproute2) is missing"
-  exit $skip
-fi
-probe=qtrain-probe-$$
-if ! err=$(ip netns add "$probe" 2>&1) || ! ip netns exec "$probe" true 2>/dev/null; then
-  ip netns del "$probe" 2>/dev/null
-  echo "SKIP: 'ip netns' is not permitted here (an unprivileged container?): ${err:-exec failed}"
-  exit $skip
-fi
-ip netns del "$probe"
-if [ ! -d "$data" ]; then
-  echo "fashion-mnist is not installed at $data (deploy/install-deps.sh installs it)"
-  exit 1
-fi
+source "$(dirname "$0")/check_lib.sh"
+require_netns netns_mpi_test
 
 trap 'bash "$cluster_sh" down >/dev/null 2>&1' EXIT
 
-source "$(dirname "$0")/check_lib.sh"
 fail() { failed=$((failed + 1)); echo "FAIL $*"; }
 
 # Two ups in a row: the second must clear the first (as after a crashed run).
