@@ -118,6 +118,7 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(nn::Layer* model, Model
 absl::Status Trainer::AttachModel(nn::Layer* model) {
   bucketer_.reset();  // it points into the previous model's parameters
   engine_.reset();
+  engine_buckets_.clear();
   ctx_.on_grads_ready = nullptr;
   model_ = model;
   params_.clear();
@@ -142,6 +143,7 @@ absl::Status Trainer::AttachModel(nn::Layer* model) {
       }
     }
     if (options_.engine) {
+      engine_buckets_ = plan;
       engine_inputs.buckets = std::move(plan);
     } else {
       ASSIGN_OR_RETURN(bucketer_, GradientBucketer::Create(params_, comm_, bucket_options));
@@ -241,6 +243,7 @@ absl::Status Trainer::EnterPhase(int phase, bool copy_state) {
 }
 
 std::vector<GradientBucket> Trainer::Buckets() const {
+  if (options_.engine) return engine_buckets_;
   if (bucketer_ == nullptr) return {};
   return bucketer_->buckets();
 }

@@ -248,6 +248,7 @@ class Trainer {
   std::unique_ptr<nn::Layer> owned_model_;
   std::unique_ptr<Guide> guide_;
   std::unique_ptr<GradientBucketer> bucketer_;  // null when the communicator is the identity
+  std::vector<GradientBucket> engine_buckets_;   // the plan handed to a step engine
                                                 // or an engine runs the step
   std::unique_ptr<StepEngine> engine_;          // null: the CPU layers run the step
   std::vector<GradientBucket> twin_buckets_;    // guided runs with a bucketer only

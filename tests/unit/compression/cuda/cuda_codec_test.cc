@@ -63,22 +63,6 @@ uint64_t Elements(const std::vector<int64_t>& shape, uint64_t n_1d) {
   return n;
 }
 
-bool SameBits(std::span<const float> a, std::span<const float> b) {
-  return a.size() == b.size() && std::memcmp(a.data(), b.data(), 4 * a.size()) == 0;
-}
-
-// Same bits, except that any NaN equals any NaN: a payload corrupted into a NaN half decodes to
-// NaN on both sides, but x86 keeps the NaN operand's payload bits in `out + NaN` while the GPU
-// returns the canonical NaN.
-bool SameBitsOrBothNan(std::span<const float> a, std::span<const float> b) {
-  if (a.size() != b.size()) return false;
-  for (size_t i = 0; i < a.size(); ++i) {
-    if (std::isnan(a[i]) && std::isnan(b[i])) continue;
-    if (std::memcmp(&a[i], &b[i], 4) != 0) return false;
-  }
-  return true;
-}
-
 uint32_t BitsAt(const std::vector<uint8_t>& payload, uint64_t first_bit, uint32_t count) {
   uint32_t v = 0;
   for (uint32_t k = 0; k < count; ++k) {

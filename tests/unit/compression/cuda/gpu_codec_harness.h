@@ -6,7 +6,9 @@
 
 #include <cuda_runtime_api.h>
 
+#include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <span>
 #include <string>
 #include <vector>
@@ -115,6 +117,23 @@ class GpuCodecHarness {
   const CudaCodec* codec_;
   qtrain::cuda::Stream stream_;
 };
+
+// Bit-identical float arrays.
+inline bool SameBits(std::span<const float> a, std::span<const float> b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), 4 * a.size()) == 0;
+}
+
+// Same bits, except that any NaN equals any NaN: a payload corrupted into a NaN decodes to NaN on
+// both sides, but x86 keeps the NaN operand's payload bits in `out + NaN` while the GPU returns
+// the canonical NaN.
+inline bool SameBitsOrBothNan(std::span<const float> a, std::span<const float> b) {
+  if (a.size() != b.size()) return false;
+  for (size_t i = 0; i < a.size(); ++i) {
+    if (std::isnan(a[i]) && std::isnan(b[i])) continue;
+    if (std::memcmp(&a[i], &b[i], 4) != 0) return false;
+  }
+  return true;
+}
 
 }  // namespace qtrain::compression::cuda
 

@@ -137,6 +137,7 @@ class StepEngineTest : public ::testing::Test {
   struct Result {
     absl::StatusOr<TrainSummary> summary;
     std::vector<float> weights;
+    size_t buckets = 0;  // Trainer::Buckets().size() after Create
   };
 
   // Trains `model_name` with the CPU layers (engine == false) or the shadow engine.
@@ -164,6 +165,7 @@ class StepEngineTest : public ::testing::Test {
       result.summary = trainer.status();
       return result;
     }
+    result.buckets = (*trainer)->Buckets().size();
     result.summary = (*trainer)->Run();
     std::vector<nn::Parameter*> params;
     (*model)->CollectParameters(&params);
@@ -219,6 +221,8 @@ TEST_F(StepEngineTest, CompressedGradientsGoThroughTheCommunicatorsBuckets) {
   Result cpu = Train("cnn", o, false, "onebit");
   Result engine = Train("cnn", o, true, "onebit");
   ExpectSameRun(cpu, engine);
+  EXPECT_GT(cpu.buckets, 1u);
+  EXPECT_EQ(engine.buckets, cpu.buckets);  // the engine's plan is the trainer's Buckets()
   // And the codec really acted (the uncompressed run ends elsewhere).
   Result plain = Train("cnn", o, true);
   ASSERT_THAT(plain.summary, IsOk());
