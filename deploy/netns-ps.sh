@@ -18,7 +18,8 @@
 # hosts. Prints worker 0's output (the progress, the weights-hash check and the summary); the
 # other logs are DIR/server<s>.log and DIR/worker<w>.log. Exits 0 when every worker succeeded, else
 # with the first failing worker's code; the servers get SIGTERM (final checkpoint) either way, and
-# a server that exits early fails the run.
+# a server that exits early fails the run. In the qtrain flags, %w stands for the worker's id
+# (--metrics=DIR/w%w.jsonl gives each worker its own file).
 set -Eeuo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -41,7 +42,7 @@ while [ $# -gt 0 ]; do
     --out=*) out=${1#*=}; shift ;;
     --server_flags) server_flags=${2:-}; shift 2 ;;
     --server_flags=*) server_flags=${1#*=}; shift ;;
-    -h|--help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     --) shift; break ;;
     *) die "unknown option '$1' (qtrain flags go after --)" ;;
   esac
@@ -108,8 +109,9 @@ echo "netns-ps: $servers qserver shard(s) on ${ns_prefix}1..$servers ($ps_list),
 worker_pids=()
 for w in $(seq 0 $((workers - 1))); do
   h=$((servers + w + 1))
+  args=("${@//%w/$w}")  # %w in a qtrain flag: this worker's id (e.g. --metrics=m%w.jsonl)
   ip netns exec "$ns_prefix$h" "$qtrain" --ps="$ps_list" --ps_token="$token" --worker_id="$w" \
-    --codec="$codec" "$@" >"$out/worker$w.log" 2>&1 &
+    --codec="$codec" "${args[@]}" >"$out/worker$w.log" 2>&1 &
   pids+=($!)
   worker_pids+=($!)
 done

@@ -147,6 +147,20 @@ else
 fi
 kill -TERM "$bad_pid" 2>/dev/null
 
+# ---- 5b. weights larger than one gRPC message: the start-up broadcast goes in pieces --------------
+# mlp-wide's 147 MB of weights against the default 64 MiB limit (its largest tensor, 4096 x 4096,
+# just fits one message); the broadcast used to fail with "message larger than max".
+start_server small --workers=1 --codec=onebit --token=tok
+small_pid=$server_pid
+if timeout 60 "$qtrain" "${common[@]}" --ps=127.0.0.1:$port --ps_token=tok \
+     --model=mlp-wide --epochs=1 --max_train=16 >"$work/small.log" 2>&1 &&
+   grep -Eq "identical on all 1 ranks" "$work/small.log"; then
+  ok "weights over the message limit are broadcast in pieces"
+else
+  fail "weights over the message limit are broadcast in pieces" "$work/small.log"
+fi
+kill -TERM "$small_pid" 2>/dev/null
+
 # ---- 6. wrong token, bad TLS path, bad --ps -----------------------------------------------------
 start_server tok --workers=1 --codec=onebit --token=right
 tok_pid=$server_pid

@@ -13,6 +13,7 @@
 #include <utility>
 
 #include "absl/strings/numbers.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "common/logging.h"
@@ -44,6 +45,11 @@ pb::PsErrorReason ReasonOf(const absl::Status& s) {
 }
 
 bool Transient(const absl::Status& s) {
+  // gRPC's own "message larger than max" is RESOURCE_EXHAUSTED too, but retrying cannot help.
+  if (s.code() == absl::StatusCode::kResourceExhausted &&
+      absl::StrContains(s.message(), "larger than max")) {
+    return false;
+  }
   return s.code() == absl::StatusCode::kUnavailable ||
          s.code() == absl::StatusCode::kDeadlineExceeded ||
          s.code() == absl::StatusCode::kResourceExhausted;
@@ -236,17 +242,24 @@ class PsCommunicator final : public Communicator {
     if (root < 0 || root >= world_size_) {
       return absl::InvalidArgumentError(absl::StrCat("Broadcast: root ", root, " is not a rank"));
     }
-    pb::CollectiveRequest request;
-    request.set_kind(pb::COLLECTIVE_BROADCAST);
-    request.set_root(root);
-    request.set_size(data.size());
-    if (id_ == root) request.set_data(data.data(), 4 * data.size());
-    ASSIGN_OR_RETURN(pb::CollectiveResponse response, RunCollective(request));
-    if (response.data().size() != 4 * data.size()) {
-      return absl::InvalidArgumentError(absl::StrCat("Broadcast: got ", response.data().size(),
-                                                     " bytes, expected ", 4 * data.size()));
+    // In pieces of at most half the message limit (a model's weights can exceed any one
+    // message); every rank cuts at the same places because the sizes and the limit agree.
+    const size_t piece = std::max<size_t>(1, options_.max_message_bytes / 8);
+    for (size_t at = 0; at < data.size() || at == 0; at += piece) {
+      const size_t n = std::min(piece, data.size() - at);
+      pb::CollectiveRequest request;
+      request.set_kind(pb::COLLECTIVE_BROADCAST);
+      request.set_root(root);
+      request.set_size(n);
+      if (id_ == root) request.set_data(data.data() + at, 4 * n);
+      ASSIGN_OR_RETURN(pb::CollectiveResponse response, RunCollective(request));
+      if (response.data().size() != 4 * n) {
+        return absl::InvalidArgumentError(absl::StrCat("Broadcast: got ", response.data().size(),
+                                                       " bytes, expected ", 4 * n));
+      }
+      std::memcpy(data.data() + at, response.data().data(), response.data().size());
+      if (data.empty()) break;
     }
-    std::memcpy(data.data(), response.data().data(), response.data().size());
     return absl::OkStatus();
   }
 
