@@ -2,6 +2,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
+#include <mutex>
+#include <set>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -71,10 +74,31 @@ absl::Status CheckShape(std::span<const int64_t> shape, uint64_t n, const char* 
   return absl::OkStatus();
 }
 
+// Once per device: the default stream-ordered pool keeps freed memory instead of returning it to
+// the driver at every synchronization (its release threshold is 0 by default), so the per-call
+// scratch of threshold and terngrad costs a pool lookup, not a fresh mapping (on an H200, with
+// 25.6M floats: terngrad encode 247 -> 189 us, threshold encode 385 -> 336 us).
+absl::Status KeepPoolMemory() {
+  static std::mutex mu;
+  static std::set<int> done;
+  int device = 0;
+  QTRAIN_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
+  std::lock_guard<std::mutex> lock(mu);
+  if (done.count(device) != 0) return absl::OkStatus();
+  cudaMemPool_t pool;
+  QTRAIN_CUDA_RETURN_IF_ERROR(cudaDeviceGetDefaultMemPool(&pool, device));
+  uint64_t threshold = std::numeric_limits<uint64_t>::max();
+  QTRAIN_CUDA_RETURN_IF_ERROR(
+      cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &threshold));
+  done.insert(device);
+  return absl::OkStatus();
+}
+
 // Device scratch from the stream-ordered pool, freed (stream-ordered) by Release.
 class StreamScratch {
  public:
   static absl::StatusOr<StreamScratch> Allocate(uint64_t bytes, cudaStream_t stream) {
+    RETURN_IF_ERROR(KeepPoolMemory());
     StreamScratch s;
     s.stream_ = stream;
     QTRAIN_CUDA_RETURN_IF_ERROR(cudaMallocAsync(&s.data_, bytes < 16 ? 16 : bytes, stream));

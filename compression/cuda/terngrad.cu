@@ -27,51 +27,72 @@ namespace qtrain::compression::cuda {
 namespace {
 
 constexpr uint32_t kThreads = 256;
-constexpr uint32_t kStatsUnroll = 4;
 constexpr uint32_t kMaxStatsBlocks = 1024;
+
+// Folds one element of v into a thread's statistics.
+__device__ __forceinline__ void TernTake(const TernStatsArgs& a, float v, double* sum,
+                                         double* sum_squares, uint32_t* max_bits) {
+  const uint32_t bits = FloatBits(v) & 0x7fffffffu;
+  *max_bits = bits > *max_bits ? bits : *max_bits;
+  if (a.sums) {
+    const double d = v;
+    *sum = DAddRn(*sum, d);
+    *sum_squares = DAddRn(*sum_squares, DMulRn(d, d));
+  }
+}
+
+__device__ __forceinline__ void TernTake4(const TernStatsArgs& a, float4 v, double* sum,
+                                          double* sum_squares, uint32_t* max_bits) {
+  TernTake(a, v.x, sum, sum_squares, max_bits);
+  TernTake(a, v.y, sum, sum_squares, max_bits);
+  TernTake(a, v.z, sum, sum_squares, max_bits);
+  TernTake(a, v.w, sum, sum_squares, max_bits);
+}
+
+// v = x + y (y may be null) for 4 consecutive elements, stored back into y when write_sum.
+__device__ __forceinline__ float4 TernSum4(const TernStatsArgs& a, uint64_t j) {
+  float4 v = reinterpret_cast<const float4*>(a.x)[j];
+  if (a.y != nullptr) {
+    const float4 y = reinterpret_cast<const float4*>(a.y)[j];
+    v = make_float4(AddRn(v.x, y.x), AddRn(v.y, y.y), AddRn(v.z, y.z), AddRn(v.w, y.w));
+    if (a.write_sum) reinterpret_cast<float4*>(a.y)[j] = v;
+  }
+  return v;
+}
 
 __global__ void __launch_bounds__(kThreads) TernStatsKernel(TernStatsArgs a) {
   double sum = 0.0, sum_squares = 0.0;
   uint32_t max_bits = 0;
   const uint64_t stride = uint64_t{gridDim.x} * kThreads;
-  uint64_t i = uint64_t{blockIdx.x} * kThreads + threadIdx.x;
-  // Unrolled for memory-level parallelism; each thread still adds its elements in index order.
-  for (; i + (kStatsUnroll - 1) * stride < a.n; i += kStatsUnroll * stride) {
-    float v[kStatsUnroll];
-#pragma unroll
-    for (uint32_t u = 0; u < kStatsUnroll; ++u) v[u] = a.x[i + u * stride];
-    if (a.y != nullptr) {
-#pragma unroll
-      for (uint32_t u = 0; u < kStatsUnroll; ++u) v[u] = AddRn(v[u], a.y[i + u * stride]);
-      if (a.write_sum) {
-#pragma unroll
-        for (uint32_t u = 0; u < kStatsUnroll; ++u) a.y[i + u * stride] = v[u];
-      }
+  const uint64_t tid = uint64_t{blockIdx.x} * kThreads + threadIdx.x;
+  // 16-byte loads where x and y allow them (cudaMalloc'd tensors do); each thread still adds its
+  // elements in index order. The last n % 4 elements (or all, unaligned) go one by one.
+  uint64_t scalar_from = 0;
+  const bool aligned = reinterpret_cast<uintptr_t>(a.x) % 16 == 0 &&
+                       reinterpret_cast<uintptr_t>(a.y) % 16 == 0;
+  if (aligned) {
+    const uint64_t n4 = a.n / 4;
+    uint64_t j = tid;
+    // Two vectors in flight per thread for memory-level parallelism.
+    for (; j + stride < n4; j += 2 * stride) {
+      const float4 v0 = TernSum4(a, j);
+      const float4 v1 = TernSum4(a, j + stride);
+      TernTake4(a, v0, &sum, &sum_squares, &max_bits);
+      TernTake4(a, v1, &sum, &sum_squares, &max_bits);
     }
-#pragma unroll
-    for (uint32_t u = 0; u < kStatsUnroll; ++u) {
-      const uint32_t bits = FloatBits(v[u]) & 0x7fffffffu;
-      max_bits = bits > max_bits ? bits : max_bits;
-      if (a.sums) {
-        const double d = v[u];
-        sum = DAddRn(sum, d);
-        sum_squares = DAddRn(sum_squares, DMulRn(d, d));
-      }
+    for (; j < n4; j += stride) {
+      const float4 v0 = TernSum4(a, j);
+      TernTake4(a, v0, &sum, &sum_squares, &max_bits);
     }
+    scalar_from = 4 * n4;
   }
-  for (; i < a.n; i += stride) {
+  for (uint64_t i = scalar_from + tid; i < a.n; i += stride) {
     float v = a.x[i];
     if (a.y != nullptr) {
       v = AddRn(v, a.y[i]);
       if (a.write_sum) a.y[i] = v;
     }
-    const uint32_t bits = FloatBits(v) & 0x7fffffffu;
-    max_bits = bits > max_bits ? bits : max_bits;
-    if (a.sums) {
-      const double d = v;
-      sum = DAddRn(sum, d);
-      sum_squares = DAddRn(sum_squares, DMulRn(d, d));
-    }
+    TernTake(a, v, &sum, &sum_squares, &max_bits);
   }
   __shared__ double smem_d[32];
   __shared__ uint32_t smem_u[32];
