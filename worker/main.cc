@@ -198,7 +198,7 @@ absl::StatusOr<comm::FeedbackChoice> ParseFeedback(const std::string& value) {
 struct CommConfig {
   std::string codec;
   comm::FeedbackChoice feedback = comm::FeedbackChoice::kFromSpec;
-  comm::MpiAlgorithm algorithm = comm::MpiAlgorithm::kAuto;
+  comm::AllreduceAlgorithm algorithm = comm::AllreduceAlgorithm::kAuto;
   double bucket_mb = 4;
   double timeout_seconds = 120;
 };
@@ -207,7 +207,7 @@ absl::StatusOr<CommConfig> ReadCommFlags() {
   CommConfig c;
   c.codec = absl::GetFlag(FLAGS_codec);
   ASSIGN_OR_RETURN(c.feedback, ParseFeedback(absl::GetFlag(FLAGS_error_feedback)));
-  ASSIGN_OR_RETURN(c.algorithm, comm::ParseMpiAlgorithm(absl::GetFlag(FLAGS_allreduce)));
+  ASSIGN_OR_RETURN(c.algorithm, comm::ParseAllreduceAlgorithm(absl::GetFlag(FLAGS_allreduce)));
   c.bucket_mb = absl::GetFlag(FLAGS_bucket_mb);
   if (!(c.bucket_mb > 0) || c.bucket_mb > 4096) {
     return absl::InvalidArgumentError(
@@ -379,7 +379,7 @@ absl::Status RunTraining(const CommConfig& comm_config, comm::Communicator* comm
   options.comm_timeout_seconds = comm_config.timeout_seconds;
   options.comm_settings = absl::StrCat(
       "codec=", comm_config.codec, " error_feedback=", absl::GetFlag(FLAGS_error_feedback),
-      " allreduce=", comm::MpiAlgorithmName(comm_config.algorithm), " bucket_bytes=",
+      " allreduce=", comm::AllreduceAlgorithmName(comm_config.algorithm), " bucket_bytes=",
       options.bucket_bytes, " world_size=", communicator->world_size());
   ReadTestEnvironment(&options);
   options.settings = absl::StrCat("model=", model_spec.name, " data=", absl::GetFlag(FLAGS_data),
@@ -503,7 +503,7 @@ absl::StatusOr<std::unique_ptr<comm::Communicator>> CreateNccl(const CommConfig&
   comm::NcclOptions nccl;
   nccl.codec_spec = config.codec;
   nccl.error_feedback = config.feedback;
-  ASSIGN_OR_RETURN(nccl.algorithm, comm::ParseNcclAlgorithm(absl::GetFlag(FLAGS_allreduce)));
+  nccl.algorithm = config.algorithm;
   nccl.timeout_seconds = config.timeout_seconds;
   nccl.seed = absl::GetFlag(FLAGS_seed);
   return comm::CreateNcclCommunicator(boot, nccl);

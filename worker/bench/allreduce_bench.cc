@@ -72,7 +72,7 @@ namespace {
 struct Case {
   std::string codec;  // short name
   std::string spec;
-  NcclAlgorithm algorithm;
+  AllreduceAlgorithm algorithm;
 };
 
 struct Result {
@@ -295,20 +295,20 @@ int Main(int argc, char** argv) {
     }
     sizes.push_back(mb);
   }
-  std::vector<NcclAlgorithm> algorithms;
+  std::vector<AllreduceAlgorithm> algorithms;
   const std::string which = absl::GetFlag(FLAGS_allreduce);
   if (which == "both") {
-    algorithms = {NcclAlgorithm::kAllgather, NcclAlgorithm::kReduceScatter};
+    algorithms = {AllreduceAlgorithm::kAllgather, AllreduceAlgorithm::kReduceScatter};
   } else {
-    absl::StatusOr<NcclAlgorithm> a = ParseNcclAlgorithm(which);
-    if (!a.ok() || *a == NcclAlgorithm::kAuto) {
+    absl::StatusOr<AllreduceAlgorithm> a = ParseAllreduceAlgorithm(which);
+    if (!a.ok() || *a == AllreduceAlgorithm::kAuto) {
       std::fprintf(stderr, "allreduce_bench: --allreduce must be allgather, reduce_scatter or both\n");
       return 2;
     }
     algorithms = {*a};
   }
   std::vector<Case> cases;
-  cases.push_back({"fp32", "fp32", NcclAlgorithm::kAuto});
+  cases.push_back({"fp32", "fp32", AllreduceAlgorithm::kAuto});
   for (absl::string_view name : absl::StrSplit(absl::GetFlag(FLAGS_codecs), ',', absl::SkipEmpty())) {
     const std::string codec(name);
     if (codec == "fp32") continue;
@@ -317,7 +317,7 @@ int Main(int argc, char** argv) {
       std::fprintf(stderr, "allreduce_bench: unknown codec '%s'\n", codec.c_str());
       return 2;
     }
-    for (NcclAlgorithm a : algorithms) cases.push_back({codec, SpecFor(codec), a});
+    for (AllreduceAlgorithm a : algorithms) cases.push_back({codec, SpecFor(codec), a});
   }
 
   uint64_t max_n = 0;
@@ -356,7 +356,7 @@ int Main(int argc, char** argv) {
       Result r;
       r.codec = c.codec;
       r.spec = c.spec;
-      r.algorithm = c.codec == "fp32" ? "-" : NcclAlgorithmName(c.algorithm);
+      r.algorithm = c.codec == "fp32" ? "-" : AllreduceAlgorithmName(c.algorithm);
       r.mb = mb;
       r.n = n;
       if (absl::Status s = bench.RunCase(comm->get(), c, n, &r); !s.ok()) {

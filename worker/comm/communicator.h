@@ -53,6 +53,19 @@ struct StepStats {
   StepStats& operator+=(const StepStats& other);
 };
 
+// How a compressed AllReduceMean is carried out (--allreduce), by the MPI and NCCL adapters
+// alike: each rank's payload all-gathered, or a reduce-scatter with decode-sum-recompress
+// followed by an all-gather. kAuto: kAllgather when world_size <= 4 or the bucket is under 1 MiB
+// of fp32, else kReduceScatter (a rule of world size and bucket size only, so ranks agree).
+enum class AllreduceAlgorithm { kAuto, kAllgather, kReduceScatter };
+
+// "auto" | "allgather" | "reduce_scatter"; INVALID_ARGUMENT lists them otherwise.
+absl::StatusOr<AllreduceAlgorithm> ParseAllreduceAlgorithm(std::string_view name);
+const char* AllreduceAlgorithmName(AllreduceAlgorithm algorithm);
+// The algorithm a compressed bucket of n floats runs (kAuto resolved).
+AllreduceAlgorithm ResolveAllreduceAlgorithm(AllreduceAlgorithm requested, int world_size,
+                                             uint64_t n);
+
 class Communicator {
  public:
   virtual ~Communicator() = default;

@@ -27,8 +27,6 @@ namespace {
 using Clock = std::chrono::steady_clock;
 
 // kAuto's rule (documented in the header).
-constexpr int kAutoAllgatherMaxWorld = 4;
-constexpr uint64_t kAutoAllgatherMaxBucketBytes = uint64_t{1} << 20;
 
 // Upper bound on the serialized size of any codec's payload for n elements (the worst is about
 // 9 bytes per element: onebit with bucket=1 or qsgd with bucket=1), plus the envelope. Announced
@@ -84,33 +82,6 @@ uint64_t SliceBegin(uint64_t n, int j, int w) {
 
 }  // namespace
 
-absl::StatusOr<MpiAlgorithm> ParseMpiAlgorithm(std::string_view name) {
-  if (name == "auto") return MpiAlgorithm::kAuto;
-  if (name == "allgather") return MpiAlgorithm::kAllgather;
-  if (name == "reduce_scatter") return MpiAlgorithm::kReduceScatter;
-  return absl::InvalidArgumentError(absl::StrCat("unknown MPI algorithm '", AsAbsl(name),
-                                                 "'; valid: auto, allgather, reduce_scatter"));
-}
-
-const char* MpiAlgorithmName(MpiAlgorithm algorithm) {
-  switch (algorithm) {
-    case MpiAlgorithm::kAuto:
-      return "auto";
-    case MpiAlgorithm::kAllgather:
-      return "allgather";
-    case MpiAlgorithm::kReduceScatter:
-      return "reduce_scatter";
-  }
-  return "?";
-}
-
-MpiAlgorithm ResolveMpiAlgorithm(MpiAlgorithm requested, int world_size, uint64_t n) {
-  if (requested != MpiAlgorithm::kAuto) return requested;
-  if (world_size <= kAutoAllgatherMaxWorld || 4 * n < kAutoAllgatherMaxBucketBytes) {
-    return MpiAlgorithm::kAllgather;
-  }
-  return MpiAlgorithm::kReduceScatter;
-}
 
 // ---- Impl ------------------------------------------------------------------------------------
 
@@ -700,7 +671,7 @@ std::string MpiCommunicator::Describe() const {
   return absl::StrCat(
       "mpi: rank ", m.rank, " of ", m.size, ", codec ",
       m.codec == nullptr ? std::string("fp32 (MPI_Allreduce)") : m.codec->Describe(),
-      ", algorithm ", MpiAlgorithmName(m.options.algorithm), ", timeout ",
+      ", algorithm ", AllreduceAlgorithmName(m.options.algorithm), ", timeout ",
       m.options.timeout_seconds, " s");
 }
 
@@ -723,8 +694,8 @@ absl::Status MpiCommunicator::AllReduceMean(std::string_view key, std::span<floa
     status = absl::OkStatus();  // every rank passes the same size: nothing to exchange
   } else if (m.codec == nullptr) {
     status = m.AllReduceFp32(op, data, &local);
-  } else if (ResolveMpiAlgorithm(m.options.algorithm, m.size, data.size()) ==
-             MpiAlgorithm::kAllgather) {
+  } else if (ResolveAllreduceAlgorithm(m.options.algorithm, m.size, data.size()) ==
+             AllreduceAlgorithm::kAllgather) {
     status = m.AllgatherMean(op, data, &local);
   } else {
     status = m.ReduceScatterMean(op, data, &local);

@@ -82,21 +82,13 @@
 
 namespace qtrain::comm {
 
-enum class MpiAlgorithm { kAuto, kAllgather, kReduceScatter };
-
-// "auto" | "allgather" | "reduce_scatter"; INVALID_ARGUMENT lists them otherwise.
-absl::StatusOr<MpiAlgorithm> ParseMpiAlgorithm(std::string_view name);
-const char* MpiAlgorithmName(MpiAlgorithm algorithm);
-// The algorithm a compressed bucket of n floats runs (kAuto resolved as documented above).
-MpiAlgorithm ResolveMpiAlgorithm(MpiAlgorithm requested, int world_size, uint64_t n);
-
 struct MpiOptions {
   // Codec spec (compression/codec_registry.h grammar): "fp32", "fp16", "onebit", "terngrad",
   // "qsgd:levels=16", "threshold:tau=0.01", ... Default "fp32" (plain MPI allreduce).
   std::string codec_spec = "fp32";
   // Error feedback: the spec's `ef` key or the codec's default, unless forced here.
   FeedbackChoice error_feedback = FeedbackChoice::kFromSpec;
-  MpiAlgorithm algorithm = MpiAlgorithm::kAuto;
+  AllreduceAlgorithm algorithm = AllreduceAlgorithm::kAuto;
   // Longest any one call may wait for its peers, in seconds (> 0). Default 300: generous for a
   // large bucket on a slow network, still no silent hang.
   double timeout_seconds = 300.0;

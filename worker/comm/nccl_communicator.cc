@@ -39,8 +39,6 @@ static_assert(kNcclIdBytes == NCCL_UNIQUE_ID_BYTES, "kNcclIdBytes must match ncc
 constexpr uint64_t kSlotHeaderBytes = sizeof(SlotHeader);
 
 // kAuto's rule (the MPI adapter's; documented in the header).
-constexpr int kAutoAllgatherMaxWorld = 4;
-constexpr uint64_t kAutoAllgatherMaxBucketBytes = uint64_t{1} << 20;
 
 // The longest the destructor waits for the stream and for ncclCommFinalize before aborting.
 constexpr double kMaxDestroySeconds = 30.0;
@@ -126,33 +124,6 @@ class PinnedBuffer {
 
 }  // namespace
 
-absl::StatusOr<NcclAlgorithm> ParseNcclAlgorithm(std::string_view name) {
-  if (name == "auto") return NcclAlgorithm::kAuto;
-  if (name == "allgather") return NcclAlgorithm::kAllgather;
-  if (name == "reduce_scatter") return NcclAlgorithm::kReduceScatter;
-  return absl::InvalidArgumentError(absl::StrCat("unknown NCCL algorithm '", AsAbsl(name),
-                                                 "'; valid: auto, allgather, reduce_scatter"));
-}
-
-const char* NcclAlgorithmName(NcclAlgorithm algorithm) {
-  switch (algorithm) {
-    case NcclAlgorithm::kAuto:
-      return "auto";
-    case NcclAlgorithm::kAllgather:
-      return "allgather";
-    case NcclAlgorithm::kReduceScatter:
-      return "reduce_scatter";
-  }
-  return "?";
-}
-
-NcclAlgorithm ResolveNcclAlgorithm(NcclAlgorithm requested, int world_size, uint64_t n) {
-  if (requested != NcclAlgorithm::kAuto) return requested;
-  if (world_size <= kAutoAllgatherMaxWorld || 4 * n < kAutoAllgatherMaxBucketBytes) {
-    return NcclAlgorithm::kAllgather;
-  }
-  return NcclAlgorithm::kReduceScatter;
-}
 
 NcclBootstrap BootstrapFromLaunchEnv(const LaunchEnv& env, const RendezvousOptions& options) {
   NcclBootstrap bootstrap;
@@ -716,7 +687,7 @@ absl::Status NcclCommunicator::Impl::Run(const Op& op, float* d_data, uint64_t n
   if (status.ok()) {
     if (codec == nullptr) {
       status = AllReduceFp32(op, d_data, n, stats);
-    } else if (ResolveNcclAlgorithm(options.algorithm, size, n) == NcclAlgorithm::kAllgather) {
+    } else if (ResolveAllreduceAlgorithm(options.algorithm, size, n) == AllreduceAlgorithm::kAllgather) {
       status = AllgatherMean(op, d_data, n, stats);
     } else {
       status = ReduceScatterMean(op, d_data, n, stats);
@@ -1320,7 +1291,7 @@ std::string NcclCommunicator::Describe() const {
   return absl::StrCat("nccl: rank ", m.rank, " of ", m.size, " on device ", m.device, " (",
                       m.device_name, "), codec ",
                       m.codec == nullptr ? std::string("fp32 (ncclAllReduce)") : m.meta->Describe(),
-                      ", algorithm ", NcclAlgorithmName(m.options.algorithm), ", timeout ",
+                      ", algorithm ", AllreduceAlgorithmName(m.options.algorithm), ", timeout ",
                       m.options.timeout_seconds, " s");
 }
 

@@ -108,14 +108,6 @@
 
 namespace qtrain::comm {
 
-enum class NcclAlgorithm { kAuto, kAllgather, kReduceScatter };
-
-// "auto" | "allgather" | "reduce_scatter"; INVALID_ARGUMENT lists them otherwise.
-absl::StatusOr<NcclAlgorithm> ParseNcclAlgorithm(std::string_view name);
-const char* NcclAlgorithmName(NcclAlgorithm algorithm);
-// The algorithm a compressed bucket of n floats runs (kAuto resolved as documented above).
-NcclAlgorithm ResolveNcclAlgorithm(NcclAlgorithm requested, int world_size, uint64_t n);
-
 // The size of the NCCL unique id (NCCL_UNIQUE_ID_BYTES).
 inline constexpr size_t kNcclIdBytes = 128;
 
@@ -160,7 +152,7 @@ struct NcclOptions {
   std::string codec_spec = "fp32";
   // Error feedback: the spec's `ef` key or the codec's default, unless forced here.
   FeedbackChoice error_feedback = FeedbackChoice::kFromSpec;
-  NcclAlgorithm algorithm = NcclAlgorithm::kAuto;
+  AllreduceAlgorithm algorithm = AllreduceAlgorithm::kAuto;
   // Longest any one call (and the start-up) may wait for its peers, in seconds (> 0). Default
   // 300, as the MPI adapter.
   double timeout_seconds = 300.0;

@@ -82,7 +82,7 @@ std::unique_ptr<MpiCommunicator> MakeComm(MpiOptions options) {
   return std::move(comm).value();
 }
 
-MpiOptions Options(const std::string& spec, MpiAlgorithm algorithm) {
+MpiOptions Options(const std::string& spec, AllreduceAlgorithm algorithm) {
   MpiOptions options;
   options.codec_spec = spec;
   options.algorithm = algorithm;
@@ -250,7 +250,7 @@ class SimulatedWorld {
 };
 
 TEST(MpiCommunicatorTest, Fp32MeanIsExactOnSmallIntegers) {
-  auto comm = MakeComm(Options("fp32", MpiAlgorithm::kAuto));
+  auto comm = MakeComm(Options("fp32", AllreduceAlgorithm::kAuto));
   ASSERT_NE(comm, nullptr);
   const int w = comm->world_size();
   const size_t n = 1001;
@@ -272,7 +272,7 @@ TEST(MpiCommunicatorTest, Fp32MeanIsExactOnSmallIntegers) {
 
 // A large bucket takes the MPI library's large-message allreduce algorithm: still bit-identical.
 TEST(MpiCommunicatorTest, Fp32LargeBucketIsBitIdenticalAcrossRanks) {
-  auto comm = MakeComm(Options("fp32", MpiAlgorithm::kAuto));
+  auto comm = MakeComm(Options("fp32", AllreduceAlgorithm::kAuto));
   ASSERT_NE(comm, nullptr);
   const int w = comm->world_size();
   const size_t n = size_t{1} << 20;
@@ -287,7 +287,7 @@ TEST(MpiCommunicatorTest, Fp32LargeBucketIsBitIdenticalAcrossRanks) {
 }
 
 TEST(MpiCommunicatorTest, DivergedRanksGetFailedPrecondition) {
-  for (MpiAlgorithm algorithm : {MpiAlgorithm::kAllgather, MpiAlgorithm::kReduceScatter}) {
+  for (AllreduceAlgorithm algorithm : {AllreduceAlgorithm::kAllgather, AllreduceAlgorithm::kReduceScatter}) {
     auto comm = MakeComm(Options("onebit", algorithm));
     ASSERT_NE(comm, nullptr);
     if (comm->world_size() < 2) GTEST_SKIP() << "needs 2 ranks";
@@ -295,17 +295,17 @@ TEST(MpiCommunicatorTest, DivergedRanksGetFailedPrecondition) {
     const std::string key = comm->rank() == 0 ? "fc1" : "fc2";
     EXPECT_THAT(comm->AllReduceMean(key, g, nullptr),
                 StatusIs(absl::StatusCode::kFailedPrecondition, HasSubstr("different orders")))
-        << MpiAlgorithmName(algorithm);
+        << AllreduceAlgorithmName(algorithm);
     EXPECT_THAT(comm->Barrier(), IsOk());
   }
 }
 
-class CodecAlgorithmTest : public ::testing::TestWithParam<std::tuple<const char*, MpiAlgorithm>> {
+class CodecAlgorithmTest : public ::testing::TestWithParam<std::tuple<const char*, AllreduceAlgorithm>> {
 };
 
 TEST_P(CodecAlgorithmTest, EqualsSimulatedMeanOfDecodedPayloadsOnEveryRank) {
   const std::string spec = std::get<0>(GetParam());
-  const MpiAlgorithm algorithm = std::get<1>(GetParam());
+  const AllreduceAlgorithm algorithm = std::get<1>(GetParam());
   auto comm = MakeComm(Options(spec, algorithm));
   ASSERT_NE(comm, nullptr);
   const int w = comm->world_size();
@@ -320,12 +320,12 @@ TEST_P(CodecAlgorithmTest, EqualsSimulatedMeanOfDecodedPayloadsOnEveryRank) {
       std::vector<float> mine = inputs[rank];
       StepStats stats;
       ASSERT_THAT(comm->AllReduceMean(key, mine, &stats), IsOk());
-      const MpiAlgorithm resolved = ResolveMpiAlgorithm(algorithm, w, n);
-      std::vector<float> expected = resolved == MpiAlgorithm::kAllgather
+      const AllreduceAlgorithm resolved = ResolveAllreduceAlgorithm(algorithm, w, n);
+      std::vector<float> expected = resolved == AllreduceAlgorithm::kAllgather
                                         ? world.Allgather(key, inputs)
                                         : world.ReduceScatter(key, inputs);
       EXPECT_TRUE(BitEqual(mine, expected))
-          << spec << " " << MpiAlgorithmName(algorithm) << " step " << step << " n " << n
+          << spec << " " << AllreduceAlgorithmName(algorithm) << " step " << step << " n " << n
           << ": first element " << mine[0] << " vs " << expected[0];
       ExpectSameOnAllRanks(*comm, mine, absl::StrCat(spec, " step ", step, " n ", n));
       EXPECT_GT(stats.bytes_sent, 0u);
@@ -348,11 +348,11 @@ INSTANTIATE_TEST_SUITE_P(
     ::testing::Combine(::testing::Values("fp16", "onebit", "threshold:tau=0.05", "qsgd:levels=16",
                                          "qsgd:levels=16,ef=1", "qsgd:levels=4,coding=elias",
                                          "terngrad", "terngrad:shared=1,ef=1"),
-                       ::testing::Values(MpiAlgorithm::kAllgather, MpiAlgorithm::kReduceScatter,
-                                         MpiAlgorithm::kAuto)),
+                       ::testing::Values(AllreduceAlgorithm::kAllgather, AllreduceAlgorithm::kReduceScatter,
+                                         AllreduceAlgorithm::kAuto)),
     [](const auto& info) {
       std::string name =
-          absl::StrCat(std::get<0>(info.param), "_", MpiAlgorithmName(std::get<1>(info.param)));
+          absl::StrCat(std::get<0>(info.param), "_", AllreduceAlgorithmName(std::get<1>(info.param)));
       for (char& c : name) {
         if (!std::isalnum(static_cast<unsigned char>(c))) c = '_';
       }
@@ -360,7 +360,7 @@ INSTANTIATE_TEST_SUITE_P(
     });
 
 TEST(MpiCommunicatorTest, TernGradRanksShareOneScale) {
-  auto comm = MakeComm(Options("terngrad:clip=0", MpiAlgorithm::kAllgather));
+  auto comm = MakeComm(Options("terngrad:clip=0", AllreduceAlgorithm::kAllgather));
   ASSERT_NE(comm, nullptr);
   const int w = comm->world_size();
   if (w < 2) GTEST_SKIP() << "needs 2 ranks";
@@ -393,7 +393,7 @@ TEST(MpiCommunicatorTest, TernGradRanksShareOneScale) {
 }
 
 TEST(MpiCommunicatorTest, SmallCollectives) {
-  auto comm = MakeComm(Options("fp32", MpiAlgorithm::kAuto));
+  auto comm = MakeComm(Options("fp32", AllreduceAlgorithm::kAuto));
   ASSERT_NE(comm, nullptr);
   const int w = comm->world_size();
   const int rank = comm->rank();
@@ -420,7 +420,7 @@ TEST(MpiCommunicatorTest, SmallCollectives) {
 }
 
 TEST(MpiCommunicatorTest, ResidualsCanBeRestored) {
-  auto comm = MakeComm(Options("threshold:tau=0.5", MpiAlgorithm::kAllgather));
+  auto comm = MakeComm(Options("threshold:tau=0.5", AllreduceAlgorithm::kAllgather));
   ASSERT_NE(comm, nullptr);
   const int w = comm->world_size();
   std::vector<float> residual = {0.6f, -0.7f, 0.1f, 0.0f};
@@ -436,7 +436,7 @@ TEST(MpiCommunicatorTest, ResidualsCanBeRestored) {
 }
 
 TEST(MpiCommunicatorTest, ReduceScatterStatsCountBothPhases) {
-  auto comm = MakeComm(Options("onebit", MpiAlgorithm::kReduceScatter));
+  auto comm = MakeComm(Options("onebit", AllreduceAlgorithm::kReduceScatter));
   ASSERT_NE(comm, nullptr);
   const size_t n = 1 << 16;
   std::vector<float> g = Input(comm->rank(), 0, n);
@@ -454,27 +454,27 @@ TEST(MpiCommunicatorTest, ReduceScatterStatsCountBothPhases) {
 }
 
 TEST(MpiCommunicatorTest, BadOptionsAreInvalidArgument) {
-  EXPECT_THAT(MpiCommunicator::Create(Options("nope", MpiAlgorithm::kAuto)),
+  EXPECT_THAT(MpiCommunicator::Create(Options("nope", AllreduceAlgorithm::kAuto)),
               StatusIs(absl::StatusCode::kInvalidArgument));
-  EXPECT_THAT(MpiCommunicator::Create(Options("qsgd:levels=0", MpiAlgorithm::kAuto)),
+  EXPECT_THAT(MpiCommunicator::Create(Options("qsgd:levels=0", AllreduceAlgorithm::kAuto)),
               StatusIs(absl::StatusCode::kInvalidArgument));
-  MpiOptions no_timeout = Options("fp32", MpiAlgorithm::kAuto);
+  MpiOptions no_timeout = Options("fp32", AllreduceAlgorithm::kAuto);
   no_timeout.timeout_seconds = 0.0;
   EXPECT_THAT(MpiCommunicator::Create(no_timeout), StatusIs(absl::StatusCode::kInvalidArgument));
-  EXPECT_THAT(CreateMpiCommunicator(Options("fp33", MpiAlgorithm::kAuto)),
+  EXPECT_THAT(CreateMpiCommunicator(Options("fp33", AllreduceAlgorithm::kAuto)),
               StatusIs(absl::StatusCode::kInvalidArgument));
-  EXPECT_THAT(ParseMpiAlgorithm("ring"), StatusIs(absl::StatusCode::kInvalidArgument));
-  EXPECT_THAT(ParseMpiAlgorithm("reduce_scatter"), IsOk());
+  EXPECT_THAT(ParseAllreduceAlgorithm("ring"), StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(ParseAllreduceAlgorithm("reduce_scatter"), IsOk());
 }
 
 TEST(MpiCommunicatorTest, AutoRule) {
-  EXPECT_EQ(ResolveMpiAlgorithm(MpiAlgorithm::kAuto, 4, 1 << 24), MpiAlgorithm::kAllgather);
-  EXPECT_EQ(ResolveMpiAlgorithm(MpiAlgorithm::kAuto, 8, 1000), MpiAlgorithm::kAllgather);
-  EXPECT_EQ(ResolveMpiAlgorithm(MpiAlgorithm::kAuto, 8, 1 << 18), MpiAlgorithm::kReduceScatter);
-  EXPECT_EQ(ResolveMpiAlgorithm(MpiAlgorithm::kAllgather, 64, 1 << 24), MpiAlgorithm::kAllgather);
+  EXPECT_EQ(ResolveAllreduceAlgorithm(AllreduceAlgorithm::kAuto, 4, 1 << 24), AllreduceAlgorithm::kAllgather);
+  EXPECT_EQ(ResolveAllreduceAlgorithm(AllreduceAlgorithm::kAuto, 8, 1000), AllreduceAlgorithm::kAllgather);
+  EXPECT_EQ(ResolveAllreduceAlgorithm(AllreduceAlgorithm::kAuto, 8, 1 << 18), AllreduceAlgorithm::kReduceScatter);
+  EXPECT_EQ(ResolveAllreduceAlgorithm(AllreduceAlgorithm::kAllgather, 64, 1 << 24), AllreduceAlgorithm::kAllgather);
 }
 
-class CorruptPayloadTest : public ::testing::TestWithParam<MpiAlgorithm> {};
+class CorruptPayloadTest : public ::testing::TestWithParam<AllreduceAlgorithm> {};
 
 TEST_P(CorruptPayloadTest, EveryRankGetsInvalidArgumentNamingTheSource) {
   MpiOptions options = Options("onebit", GetParam());
@@ -498,11 +498,11 @@ TEST_P(CorruptPayloadTest, EveryRankGetsInvalidArgumentNamingTheSource) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Algorithms, CorruptPayloadTest,
-                         ::testing::Values(MpiAlgorithm::kAllgather, MpiAlgorithm::kReduceScatter),
-                         [](const auto& info) { return MpiAlgorithmName(info.param); });
+                         ::testing::Values(AllreduceAlgorithm::kAllgather, AllreduceAlgorithm::kReduceScatter),
+                         [](const auto& info) { return AllreduceAlgorithmName(info.param); });
 
 TEST(MpiCommunicatorTest, ChecksumMismatchIsDataLossNamingTheSource) {
-  MpiOptions options = Options("onebit", MpiAlgorithm::kAllgather);
+  MpiOptions options = Options("onebit", AllreduceAlgorithm::kAllgather);
   options.checksum = compression::Checksum::kCrc32;
   auto probe = MakeComm(options);
   ASSERT_NE(probe, nullptr);
@@ -522,7 +522,7 @@ TEST(MpiCommunicatorTest, ChecksumMismatchIsDataLossNamingTheSource) {
 
 TEST(MpiCommunicatorTest, NonFiniteGradientOnOneRankFailsEveryRank) {
   for (const char* spec : {"onebit", "terngrad"}) {
-    auto comm = MakeComm(Options(spec, MpiAlgorithm::kAllgather));
+    auto comm = MakeComm(Options(spec, AllreduceAlgorithm::kAllgather));
     ASSERT_NE(comm, nullptr);
     std::vector<float> g = Input(comm->rank(), 0, 100);
     if (comm->rank() == 0) g[7] = std::numeric_limits<float>::quiet_NaN();
@@ -537,7 +537,7 @@ TEST(MpiCommunicatorTest, NonFiniteGradientOnOneRankFailsEveryRank) {
 }
 
 TEST(MpiCommunicatorTest, LatePeerGivesDeadlineExceededNamingTheOperation) {
-  MpiOptions options = Options("fp32", MpiAlgorithm::kAuto);
+  MpiOptions options = Options("fp32", AllreduceAlgorithm::kAuto);
   options.timeout_seconds = 1.0;
   auto comm = MakeComm(options);
   ASSERT_NE(comm, nullptr);

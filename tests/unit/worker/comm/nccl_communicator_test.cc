@@ -122,7 +122,7 @@ void RunWorld(int w, const std::function<NcclOptions(int rank)>& options_for,
   for (auto& t : threads) t.join();
 }
 
-NcclOptions Options(const std::string& spec, NcclAlgorithm algorithm) {
+NcclOptions Options(const std::string& spec, AllreduceAlgorithm algorithm) {
   NcclOptions options;
   options.codec_spec = spec;
   options.algorithm = algorithm;
@@ -209,23 +209,23 @@ bool BitEqual(std::span<const float> a, std::span<const float> b) {
 
 // ---- Pure host rules -------------------------------------------------------------------------
 
-TEST(NcclAlgorithmTest, ParsesNamesAndResolvesAutoLikeTheMpiAdapter) {
+TEST(AllreduceAlgorithmTest, ParsesNamesAndResolvesAutoLikeTheMpiAdapter) {
   // Host-only, but gated like the rest so that ctest reports this binary as Skipped (not Passed)
   // on a machine where none of its GPU cases ran.
   QTRAIN_REQUIRE_GPU();
-  ASSERT_OK_AND_ASSIGN(NcclAlgorithm a, ParseNcclAlgorithm("auto"));
-  EXPECT_EQ(a, NcclAlgorithm::kAuto);
-  ASSERT_OK_AND_ASSIGN(a, ParseNcclAlgorithm("reduce_scatter"));
-  EXPECT_EQ(a, NcclAlgorithm::kReduceScatter);
-  EXPECT_THAT(ParseNcclAlgorithm("ring"),
+  ASSERT_OK_AND_ASSIGN(AllreduceAlgorithm a, ParseAllreduceAlgorithm("auto"));
+  EXPECT_EQ(a, AllreduceAlgorithm::kAuto);
+  ASSERT_OK_AND_ASSIGN(a, ParseAllreduceAlgorithm("reduce_scatter"));
+  EXPECT_EQ(a, AllreduceAlgorithm::kReduceScatter);
+  EXPECT_THAT(ParseAllreduceAlgorithm("ring"),
               StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("allgather")));
-  EXPECT_EQ(ResolveNcclAlgorithm(NcclAlgorithm::kAuto, 4, 1 << 24), NcclAlgorithm::kAllgather);
-  EXPECT_EQ(ResolveNcclAlgorithm(NcclAlgorithm::kAuto, 8, 1 << 24),
-            NcclAlgorithm::kReduceScatter);
-  EXPECT_EQ(ResolveNcclAlgorithm(NcclAlgorithm::kAuto, 8, 1000), NcclAlgorithm::kAllgather);
-  EXPECT_EQ(ResolveNcclAlgorithm(NcclAlgorithm::kAllgather, 8, 1 << 24),
-            NcclAlgorithm::kAllgather);
-  EXPECT_STREQ(NcclAlgorithmName(NcclAlgorithm::kReduceScatter), "reduce_scatter");
+  EXPECT_EQ(ResolveAllreduceAlgorithm(AllreduceAlgorithm::kAuto, 4, 1 << 24), AllreduceAlgorithm::kAllgather);
+  EXPECT_EQ(ResolveAllreduceAlgorithm(AllreduceAlgorithm::kAuto, 8, 1 << 24),
+            AllreduceAlgorithm::kReduceScatter);
+  EXPECT_EQ(ResolveAllreduceAlgorithm(AllreduceAlgorithm::kAuto, 8, 1000), AllreduceAlgorithm::kAllgather);
+  EXPECT_EQ(ResolveAllreduceAlgorithm(AllreduceAlgorithm::kAllgather, 8, 1 << 24),
+            AllreduceAlgorithm::kAllgather);
+  EXPECT_STREQ(AllreduceAlgorithmName(AllreduceAlgorithm::kReduceScatter), "reduce_scatter");
 }
 
 // ---- Start-up --------------------------------------------------------------------------------
@@ -233,18 +233,18 @@ TEST(NcclAlgorithmTest, ParsesNamesAndResolvesAutoLikeTheMpiAdapter) {
 TEST(NcclCommunicatorTest, BadSpecOrCodecWithoutCudaVersionFailsBeforeAnyCollective) {
   QTRAIN_REQUIRE_GPU();
   NcclBootstrap single;
-  EXPECT_THAT(NcclCommunicator::Create(single, Options("nope", NcclAlgorithm::kAuto)),
+  EXPECT_THAT(NcclCommunicator::Create(single, Options("nope", AllreduceAlgorithm::kAuto)),
               StatusIs(absl::StatusCode::kInvalidArgument));
   EXPECT_THAT(
-      NcclCommunicator::Create(single, Options("qsgd:coding=elias", NcclAlgorithm::kAuto)),
+      NcclCommunicator::Create(single, Options("qsgd:coding=elias", AllreduceAlgorithm::kAuto)),
       StatusIs(absl::StatusCode::kUnimplemented));
-  NcclOptions bad_timeout = Options("fp32", NcclAlgorithm::kAuto);
+  NcclOptions bad_timeout = Options("fp32", AllreduceAlgorithm::kAuto);
   bad_timeout.timeout_seconds = 0;
   EXPECT_THAT(NcclCommunicator::Create(single, bad_timeout),
               StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("timeout")));
   NcclBootstrap two;  // two ranks need an id exchange
   two.world_size = 2;
-  EXPECT_THAT(NcclCommunicator::Create(two, Options("fp32", NcclAlgorithm::kAuto)),
+  EXPECT_THAT(NcclCommunicator::Create(two, Options("fp32", AllreduceAlgorithm::kAuto)),
               StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("exchange_id")));
 }
 
@@ -262,7 +262,7 @@ TEST(NcclCommunicatorTest, RendezvousBootstrapStartsTheCommunicator) {
       rv.timeout_seconds = 30;
       rv.bind_addr = "127.0.0.1";
       auto comm = NcclCommunicator::Create(BootstrapFromLaunchEnv(env, rv),
-                                           Options("fp32", NcclAlgorithm::kAuto));
+                                           Options("fp32", AllreduceAlgorithm::kAuto));
       ASSERT_THAT(comm, IsOk()) << "rank " << r;
       EXPECT_EQ((*comm)->device(), r);
       EXPECT_THAT((*comm)->Describe(), HasSubstr(absl::StrCat("rank ", r, " of ", w)));
@@ -286,7 +286,7 @@ TEST(NcclCommunicatorTest, BroadcastAllReduceSumAllGatherAndBarrier) {
   const int w = WorldForTest();
   const int root = w - 1;
   RunWorld(
-      w, [](int) { return Options("fp32", NcclAlgorithm::kAuto); },
+      w, [](int) { return Options("fp32", AllreduceAlgorithm::kAuto); },
       [&](NcclCommunicator& comm, int r) {
         std::vector<float> data(1001, -1.0f);
         if (r == root) {
@@ -332,7 +332,7 @@ TEST(NcclCommunicatorTest, Fp32IsTheExactMeanOnEveryRankHostAndDevice) {
     expected[i] = sum / static_cast<float>(w);
   }
   RunWorld(
-      w, [](int) { return Options("fp32", NcclAlgorithm::kAuto); },
+      w, [](int) { return Options("fp32", AllreduceAlgorithm::kAuto); },
       [&](NcclCommunicator& comm, int r) {
         std::vector<float> data(n);
         for (size_t i = 0; i < n; ++i) data[i] = value(r, i);
@@ -373,11 +373,11 @@ TEST(NcclCommunicatorTest, Fp32IsTheExactMeanOnEveryRankHostAndDevice) {
 
 struct CodecCase {
   std::string spec;
-  NcclAlgorithm algorithm;
+  AllreduceAlgorithm algorithm;
 };
 
 std::string CaseName(const ::testing::TestParamInfo<CodecCase>& info) {
-  std::string name = absl::StrCat(info.param.spec, "_", NcclAlgorithmName(info.param.algorithm));
+  std::string name = absl::StrCat(info.param.spec, "_", AllreduceAlgorithmName(info.param.algorithm));
   for (char& c : name) {
     if (!std::isalnum(static_cast<unsigned char>(c))) c = '_';
   }
@@ -392,7 +392,7 @@ class NcclCompressedTest : public ::testing::TestWithParam<CodecCase> {};
 // residuals.
 TEST_P(NcclCompressedTest, AllgatherIsTheMeanOfTheDecodedPayloads) {
   QTRAIN_REQUIRE_GPU();
-  if (GetParam().algorithm != NcclAlgorithm::kAllgather) GTEST_SKIP() << "allgather case";
+  if (GetParam().algorithm != AllreduceAlgorithm::kAllgather) GTEST_SKIP() << "allgather case";
   const int w = WorldForTest();
   const std::string spec = GetParam().spec;
   constexpr int kSteps = 2;
@@ -407,7 +407,7 @@ TEST_P(NcclCompressedTest, AllgatherIsTheMeanOfTheDecodedPayloads) {
   RunWorld(
       w,
       [&](int r) {
-        NcclOptions options = Options(spec, NcclAlgorithm::kAllgather);
+        NcclOptions options = Options(spec, AllreduceAlgorithm::kAllgather);
         options.error_feedback = FeedbackChoice::kOn;
         options.payload_hook_for_testing = [&sent, r](const NcclPayloadInfo& info) {
           int step = 0;
@@ -483,7 +483,7 @@ TEST_P(NcclCompressedTest, AllgatherIsTheMeanOfTheDecodedPayloads) {
 // residual, on the first step where the old residual is zero).
 TEST_P(NcclCompressedTest, ReduceScatterDecodesTheReencodedMeans) {
   QTRAIN_REQUIRE_GPU();
-  if (GetParam().algorithm != NcclAlgorithm::kReduceScatter) GTEST_SKIP() << "reduce-scatter";
+  if (GetParam().algorithm != AllreduceAlgorithm::kReduceScatter) GTEST_SKIP() << "reduce-scatter";
   const int w = WorldForTest();
   const std::string spec = GetParam().spec;
   const size_t n = 40003;  // not a multiple of W: slices differ in length
@@ -496,7 +496,7 @@ TEST_P(NcclCompressedTest, ReduceScatterDecodesTheReencodedMeans) {
   RunWorld(
       w,
       [&](int r) {
-        NcclOptions options = Options(spec, NcclAlgorithm::kReduceScatter);
+        NcclOptions options = Options(spec, AllreduceAlgorithm::kReduceScatter);
         options.error_feedback = FeedbackChoice::kOn;
         options.payload_hook_for_testing = [&sent, r](const NcclPayloadInfo& info) {
           sent[r].push_back(Capture(info));
@@ -602,16 +602,16 @@ TEST_P(NcclCompressedTest, CorruptPayloadIsReportedNamingItsRank) {
 
 INSTANTIATE_TEST_SUITE_P(
     Codecs, NcclCompressedTest,
-    ::testing::Values(CodecCase{"onebit", NcclAlgorithm::kAllgather},
-                      CodecCase{"onebit", NcclAlgorithm::kReduceScatter},
-                      CodecCase{"terngrad", NcclAlgorithm::kAllgather},
-                      CodecCase{"terngrad", NcclAlgorithm::kReduceScatter},
-                      CodecCase{"qsgd:levels=16", NcclAlgorithm::kAllgather},
-                      CodecCase{"qsgd:levels=16", NcclAlgorithm::kReduceScatter},
-                      CodecCase{"threshold:tau=0.02", NcclAlgorithm::kAllgather},
-                      CodecCase{"threshold:tau=0.02", NcclAlgorithm::kReduceScatter},
-                      CodecCase{"fp16", NcclAlgorithm::kAllgather},
-                      CodecCase{"fp16", NcclAlgorithm::kReduceScatter}),
+    ::testing::Values(CodecCase{"onebit", AllreduceAlgorithm::kAllgather},
+                      CodecCase{"onebit", AllreduceAlgorithm::kReduceScatter},
+                      CodecCase{"terngrad", AllreduceAlgorithm::kAllgather},
+                      CodecCase{"terngrad", AllreduceAlgorithm::kReduceScatter},
+                      CodecCase{"qsgd:levels=16", AllreduceAlgorithm::kAllgather},
+                      CodecCase{"qsgd:levels=16", AllreduceAlgorithm::kReduceScatter},
+                      CodecCase{"threshold:tau=0.02", AllreduceAlgorithm::kAllgather},
+                      CodecCase{"threshold:tau=0.02", AllreduceAlgorithm::kReduceScatter},
+                      CodecCase{"fp16", AllreduceAlgorithm::kAllgather},
+                      CodecCase{"fp16", AllreduceAlgorithm::kReduceScatter}),
     CaseName);
 
 // ---- Residuals -------------------------------------------------------------------------------
@@ -619,7 +619,7 @@ INSTANTIATE_TEST_SUITE_P(
 TEST(NcclCommunicatorTest, ResidualsRoundTripAndSizesAreChecked) {
   QTRAIN_REQUIRE_GPU();
   RunWorld(
-      1, [](int) { return Options("onebit", NcclAlgorithm::kAllgather); },
+      1, [](int) { return Options("onebit", AllreduceAlgorithm::kAllgather); },
       [&](NcclCommunicator& comm, int) {
         std::vector<float> values(777);
         for (size_t i = 0; i < values.size(); ++i) values[i] = 0.001f * static_cast<float>(i);
@@ -635,7 +635,7 @@ TEST(NcclCommunicatorTest, ResidualsRoundTripAndSizesAreChecked) {
   RunWorld(
       1,
       [](int) {
-        NcclOptions options = Options("qsgd:levels=16", NcclAlgorithm::kAllgather);
+        NcclOptions options = Options("qsgd:levels=16", AllreduceAlgorithm::kAllgather);
         options.error_feedback = FeedbackChoice::kOff;
         return options;
       },
@@ -657,7 +657,7 @@ TEST(NcclCommunicatorTest, MissingPeerTimesOutNamingBucketRankAndStep) {
   RunWorld(
       2,
       [](int) {
-        NcclOptions options = Options("fp32", NcclAlgorithm::kAuto);
+        NcclOptions options = Options("fp32", AllreduceAlgorithm::kAuto);
         options.timeout_seconds = 3.0;
         return options;
       },
@@ -688,7 +688,7 @@ TEST(NcclCommunicatorTest, WatchdogEndsAStalledDeviceCall) {
   RunWorld(
       2,
       [](int) {
-        NcclOptions options = Options("fp32", NcclAlgorithm::kAuto);
+        NcclOptions options = Options("fp32", AllreduceAlgorithm::kAuto);
         options.timeout_seconds = 3.0;
         return options;
       },
