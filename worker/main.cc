@@ -25,6 +25,7 @@
 #include "common/timer.h"
 #ifdef QTRAIN_HAVE_CUDA
 #include "worker/nn/cuda/cuda_engine.h"
+#include "worker/nn/scalar_layer.h"
 #endif
 #ifdef QTRAIN_HAVE_NCCL
 #include "worker/comm/nccl_communicator.h"
@@ -75,6 +76,10 @@ ABSL_FLAG(int64_t, log_every, 50, "Steps between step records in --metrics.");
 ABSL_FLAG(std::string, checkpoint_dir, "", "Write checkpoint.qtrn here (atomically).");
 ABSL_FLAG(int64_t, checkpoint_every, 1, "Epochs between checkpoints.");
 ABSL_FLAG(bool, resume, false, "Continue from --checkpoint_dir/checkpoint.qtrn if it exists.");
+ABSL_FLAG(std::string, init_from, "",
+          "Fine-tune: a run that does not resume starts from this checkpoint's weights (a "
+          "checkpoint.qtrn or its directory, same model), copied by name and shape; quantizer "
+          "parameters it lacks keep their initial values.");
 ABSL_FLAG(bool, progress, true, "Show the progress line on stderr.");
 ABSL_FLAG(std::string, wq, "none",
           "Weight quantizer: none | dorefa:bits=K | sawb:bits=K | qil:bits=K[,gamma=G] | binary | "
@@ -105,6 +110,9 @@ ABSL_FLAG(std::string, bits, "",
 ABSL_FLAG(int, ts_act_bits, 32,
           "--schedule=ts|pq+ts: activation bits of stage 1 (32 = full precision; else K above the "
           "target's).");
+ABSL_FLAG(bool, scalar_layer, false,
+          "Append Zhuang et al. 2018's scalar layer after the classifier: one trainable scalar "
+          "multiplying the logits, initialised to 0.01 (kept in full precision).");
 ABSL_FLAG(bool, guided, false,
           "Guided training: a full-precision twin trained jointly; both minimise CE + "
           "lambda/2 ||Q(mu) - nu||^2 at --guide_layers. One process only for now.");
@@ -237,6 +245,7 @@ quant::ModelSource ModelSourceFromFlags() {
   source.aq = absl::GetFlag(FLAGS_aq);
   source.fp_first_last = absl::GetFlag(FLAGS_fp_first_last);
   source.fpsc = absl::GetFlag(FLAGS_fpsc);
+  source.scalar_layer = absl::GetFlag(FLAGS_scalar_layer);
   source.max_train = absl::GetFlag(FLAGS_max_train);
   source.max_test = absl::GetFlag(FLAGS_max_test);
   source.threads = absl::GetFlag(FLAGS_threads);
@@ -346,6 +355,7 @@ absl::Status RunTraining(const CommConfig& comm_config, comm::Communicator* comm
   model_spec.num_classes = splits.train.num_classes;
   model_spec.seed = absl::GetFlag(FLAGS_seed);
   model_spec.factory = quant_factory.get();
+  if (absl::GetFlag(FLAGS_scalar_layer)) model_spec.scalar_layer = nn::ScalarLayer::kPaperInit;
   ASSIGN_OR_RETURN(auto model, nn::BuildModel(model_spec));
   QTRAIN_LOG(INFO) << "model " << model_spec.name << ", " << nn::CountParameters(*model)
                    << " parameters, " << threads << " threads, quantization "
@@ -372,6 +382,7 @@ absl::Status RunTraining(const CommConfig& comm_config, comm::Communicator* comm
   options.checkpoint_dir = absl::GetFlag(FLAGS_checkpoint_dir);
   options.checkpoint_every = absl::GetFlag(FLAGS_checkpoint_every);
   options.resume = absl::GetFlag(FLAGS_resume);
+  options.init_from = absl::GetFlag(FLAGS_init_from);
   options.seed = absl::GetFlag(FLAGS_seed);
   options.progress = absl::GetFlag(FLAGS_progress);
   options.bucket_bytes =

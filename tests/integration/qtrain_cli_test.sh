@@ -23,6 +23,10 @@ check "short run learns" 0 "final_test_accuracy=([5-9][0-9]|100)\." -- \
 check "metrics file has epoch records" 0 '"type":"epoch"' -- cat "$work/m.jsonl"
 check "resume of a finished run trains nothing" 0 "epochs=0 " -- \
   "$qtrain" --model=cnn --epochs=2 "${common[@]}" --checkpoint_dir="$work/ck" --resume
+check "a quantized run fine-tunes from the FP run" 0 "--init_from: copied ([0-9]+)/\1 parameters and ([0-9]+)/\2 buffers" -- \
+  "$qtrain" --model=cnn --epochs=1 "${common[@]}" --wq=sawb:bits=2 --init_from="$work/ck"
+check "--init_from of a missing run" 1 "NOT_FOUND: --init_from: .*nowhere" -- \
+  "$qtrain" --model=cnn --epochs=1 "${common[@]}" --init_from="$work/nowhere"
 check "resume into another model is refused" 1 "holds model 'cnn'" -- \
   "$qtrain" --model=mlp --epochs=3 "${common[@]}" --checkpoint_dir="$work/ck" --resume
 printf 'garbage' | dd of="$work/ck/checkpoint.qtrn" bs=1 seek=40 conv=notrunc status=none
@@ -37,6 +41,16 @@ check "packed inference predicts like the fake-quantized model" 0 "0 of 300 pred
   "$qtrain" eval "${qflags[@]}" --checkpoint_dir="$work/q" --packed="$work/q/model.qpack"
 check "eval with other quant flags is refused" 1 "trained with quant=w=sawb:bits=2" -- \
   "$qtrain" eval --model=cnn --wq=sawb:bits=3 --aq=pact:bits=2 --max_train=512 --max_test=300 --checkpoint_dir="$work/q"
+sflags=(--model=cnn --wq=sawb:bits=2 --aq=pact:bits=2 --scalar_layer --max_train=512 --max_test=300 --threads=2)
+# The scalar starts at 0.01, which also scales every gradient by 0.01: a short run needs a larger lr.
+check "the scalar layer trains" 0 "final_test_accuracy=([3-9][0-9]|100)\." -- \
+  "$qtrain" "${sflags[@]}" --epochs=2 --batch_size=64 --lr=0.2 --progress=false --checkpoint_dir="$work/s"
+check "export keeps the scalar layer" 0 "export: .*model.qpack" -- \
+  "$qtrain" export "${sflags[@]}" --checkpoint_dir="$work/s"
+check "packed inference with the scalar layer" 0 "0 of 300 predictions differ" -- \
+  "$qtrain" eval "${sflags[@]}" --checkpoint_dir="$work/s" --packed="$work/s/model.qpack"
+check "eval without --scalar_layer is refused" 1 "checkpoint has [0-9]+ parameters, the model has" -- \
+  "$qtrain" eval "${qflags[@]}" --checkpoint_dir="$work/s"
 check "unknown command" 1 "unknown command 'exprot'" -- "$qtrain" exprot
 check "resume of a quantized run into fp32 is refused" 1 "parameters.*settings: .*quant=w=sawb" -- \
   "$qtrain" --model=cnn --epochs=3 "${common[@]}" --checkpoint_dir="$work/q" --resume

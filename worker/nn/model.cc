@@ -1,5 +1,6 @@
 #include "worker/nn/model.h"
 
+#include <cmath>
 #include <cstdio>
 #include <random>
 
@@ -12,6 +13,7 @@
 #include "worker/nn/linear.h"
 #include "worker/nn/max_pool.h"
 #include "worker/nn/relu.h"
+#include "worker/nn/scalar_layer.h"
 
 namespace qtrain::nn {
 namespace {
@@ -218,6 +220,12 @@ absl::StatusOr<std::unique_ptr<Sequential>> BuildModel(const ModelSpec& spec) {
     return absl::InvalidArgumentError(absl::StrCat(
         "unknown model '", spec.name, "'; valid models: ", absl::StrJoin(ModelNames(), ", ")));
   }
+  if (!(spec.scalar_layer >= 0.0f) || !std::isfinite(spec.scalar_layer)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "model '", spec.name, "': the scalar layer's initial value must be finite and > 0 (0 = "
+        "none), got ", spec.scalar_layer));
+  }
+  if (spec.scalar_layer > 0.0f) net->Emplace<ScalarLayer>("scalar", spec.scalar_layer);
   Shape batch_input = {1};
   batch_input.insert(batch_input.end(), spec.input.begin(), spec.input.end());
   absl::StatusOr<Shape> output = net->OutputShape(batch_input);

@@ -49,6 +49,9 @@ struct ModelSpec {
   // Where the weight layers and the activations in front of them come from; nullptr means
   // DefaultLayerFactory() (full precision). Used only during BuildModel.
   const LayerFactory* factory = nullptr;
+  // > 0: a ScalarLayer named "scalar" with this initial value follows the classifier (Zhuang et
+  // al. 2018's scalar layer; ScalarLayer::kPaperInit = 0.01). 0: none. Full precision always.
+  float scalar_layer = 0.0f;
 };
 
 // The model names BuildModel knows, in the order listed in its errors.

@@ -320,6 +320,7 @@ absl::Status ExportPackedModel(nn::Sequential& model, const ModelDescription& de
   out.set_full_precision_shortcut(description.quant.full_precision_shortcut);
   out.set_resnet_shortcut(ShortcutKindName(description.resnet_shortcut));
   out.set_settings(description.settings);
+  out.set_scalar_layer(description.scalar_layer);
 
   for (const NetworkEntry& e : entries) {
     pb::PackedLayer* layer = out.add_layers();

@@ -43,6 +43,7 @@ struct ModelDescription {
   nn::ShortcutKind resnet_shortcut = nn::ShortcutKind::kZeroPad;
   QuantConfig quant;
   std::string settings;  // free-form, kept in the file for humans
+  bool scalar_layer = false;  // the model ends with nn::ScalarLayer
 };
 
 struct ExportStats {

@@ -16,6 +16,7 @@
 #include "worker/data/load_dataset.h"
 #include "worker/kernels/cpu/thread_pool.h"
 #include "worker/nn/model.h"
+#include "worker/nn/scalar_layer.h"
 #include "worker/quant/packed_model.h"
 #include "worker/train/checkpoint.h"
 
@@ -55,12 +56,14 @@ absl::StatusOr<std::unique_ptr<Setup>> MakeSetup(const ModelSource& source) {
   s->description.num_classes = test.num_classes;
   s->description.resnet_shortcut = source.resnet_shortcut;
   s->description.quant = s->config;
+  s->description.scalar_layer = source.scalar_layer;
   nn::ModelSpec model_spec;
   model_spec.name = source.model;
   model_spec.input = s->description.input;
   model_spec.num_classes = test.num_classes;
   model_spec.resnet_shortcut = source.resnet_shortcut;
   model_spec.factory = s->factory.get();
+  if (source.scalar_layer) model_spec.scalar_layer = nn::ScalarLayer::kPaperInit;
   ASSIGN_OR_RETURN(s->model, nn::BuildModel(model_spec));
   return s;
 }

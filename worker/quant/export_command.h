@@ -35,6 +35,7 @@ struct ModelSource {
   std::string aq = "none";
   bool fp_first_last = true;
   bool fpsc = true;
+  bool scalar_layer = false;  // --scalar_layer: the model ends with the scalar layer
   nn::ShortcutKind resnet_shortcut = nn::ShortcutKind::kZeroPad;  // training's (no flag)
   int64_t max_train = 0;  // as in training (normalization statistics); 0 = all
   int64_t max_test = 0;   // test images to use; 0 = all

@@ -16,6 +16,7 @@
 #include "worker/nn/linear.h"
 #include "worker/nn/model.h"
 #include "worker/nn/residual.h"
+#include "worker/nn/scalar_layer.h"
 #include "worker/quant/packed_format.h"
 #include "worker/quant/quant_factory.h"
 #include "worker/quant/quantized_layers.h"
@@ -528,6 +529,8 @@ absl::StatusOr<std::unique_ptr<PackedModel>> LoadPackedModel(const std::string& 
   spec.num_classes = file.num_classes();
   spec.resnet_shortcut = *shortcut;
   spec.factory = factory->get();
+  // The initial value is a placeholder: the stored scale replaces it.
+  if (file.scalar_layer()) spec.scalar_layer = nn::ScalarLayer::kPaperInit;
   auto net = nn::BuildModel(spec);
   if (!net.ok()) return invalid(net.status().message());
 

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <map>
 
 #include "absl/strings/str_cat.h"
 #include "common/framed_file.h"
@@ -121,6 +122,41 @@ absl::Status RestoreState(const pb::Checkpoint& checkpoint,
     CopyInto(checkpoint.buffers(static_cast<int>(i)), &buffers[i]->value);
   }
   return absl::OkStatus();
+}
+
+absl::StatusOr<MatchCounts> CopyMatchingState(const pb::Checkpoint& checkpoint,
+                                              const std::vector<nn::Parameter*>& params,
+                                              const std::vector<nn::Buffer*>& buffers) {
+  // Parameters and buffers are separate name spaces.
+  std::map<std::string, const pb::NamedTensor*> stored[2];
+  for (int kind = 0; kind < 2; ++kind) {
+    for (const pb::NamedTensor& t : kind == 0 ? checkpoint.parameters() : checkpoint.buffers()) {
+      int64_t n = 1;
+      for (int64_t d : t.shape()) n = (d < 0 || n < 0) ? -1 : n * d;
+      if (n != t.values_size()) {
+        return absl::DataLossError(absl::StrCat("checkpoint tensor '", t.name(), "' has shape ",
+                                                ProtoShape(t), " but ", t.values_size(),
+                                                " values"));
+      }
+      stored[kind][t.name()] = &t;
+    }
+  }
+  MatchCounts counts;
+  auto copy = [&](int kind, const std::string& name, nn::Tensor* value) {
+    auto it = stored[kind].find(name);
+    if (it == stored[kind].end() || !SameShape(*it->second, *value)) return 0;
+    CopyInto(*it->second, value);
+    return 1;
+  };
+  for (nn::Parameter* p : params) {
+    ++counts.parameters_total;
+    counts.parameters += copy(0, p->name, &p->value);
+  }
+  for (nn::Buffer* b : buffers) {
+    ++counts.buffers_total;
+    counts.buffers += copy(1, b->name, &b->value);
+  }
+  return counts;
 }
 
 }  // namespace qtrain::train

@@ -51,6 +51,23 @@ absl::Status RestoreState(const pb::Checkpoint& checkpoint,
                           const std::vector<nn::Buffer*>& buffers,
                           std::vector<nn::Tensor>* momentum);
 
+// What CopyMatchingState copied, and out of how many of the model's tensors.
+struct MatchCounts {
+  int parameters = 0;
+  int parameters_total = 0;
+  int buffers = 0;
+  int buffers_total = 0;
+};
+
+// Copies every parameter and buffer of `checkpoint` into the model tensor with the same name and
+// shape, and leaves the rest of the model as it is (fine-tuning a quantized model from a
+// full-precision one: the quantizers' own parameters are not in the checkpoint). Momentum is not
+// copied. A stored tensor whose value count disagrees with its shape is DATA_LOSS, checked
+// before anything is written.
+absl::StatusOr<MatchCounts> CopyMatchingState(const pb::Checkpoint& checkpoint,
+                                              const std::vector<nn::Parameter*>& params,
+                                              const std::vector<nn::Buffer*>& buffers);
+
 }  // namespace qtrain::train
 
 #endif  // QTRAIN_WORKER_TRAIN_CHECKPOINT_H_

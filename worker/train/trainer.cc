@@ -29,6 +29,19 @@ constexpr int64_t kTwinBucketBase = int64_t{1} << 20;
 
 constexpr char kCheckpointFile[] = "checkpoint.qtrn";
 
+// FAILED_PRECONDITION unless `ckpt` (read from `path`) holds the model `info` describes.
+absl::Status CheckSameModel(const pb::Checkpoint& ckpt, const std::string& path,
+                            const ModelInfo& info) {
+  const std::vector<int64_t> input(ckpt.input_shape().begin(), ckpt.input_shape().end());
+  if (ckpt.model() != info.name || input != info.input || ckpt.num_classes() != info.num_classes) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "checkpoint ", path, " holds model '", ckpt.model(), "' for input ",
+        nn::ShapeToString(input), " with ", ckpt.num_classes(), " classes; this run trains '",
+        info.name, "' for ", nn::ShapeToString(info.input), " with ", info.num_classes));
+  }
+  return absl::OkStatus();
+}
+
 // 64-bit FNV-1a over raw bytes.
 constexpr uint64_t kFnvOffset = 14695981039346656037ull;
 constexpr uint64_t kFnvPrime = 1099511628211ull;
@@ -409,20 +422,18 @@ absl::Status Trainer::SaveCheckpoint(int64_t next_epoch, int64_t step, double be
 }
 
 absl::Status Trainer::MaybeResume(int64_t* epoch, int64_t* step, double* best) {
-  if (!options_.resume) return absl::OkStatus();
+  if (!options_.resume) return InitFrom(options_.init_from);
   const std::string path = CheckpointPath();
   if (!std::filesystem::exists(path)) {
     QTRAIN_LOG(INFO) << "--resume: no checkpoint at " << path << ", starting from scratch";
-    return absl::OkStatus();
+    return InitFrom(options_.init_from);
+  }
+  if (!options_.init_from.empty()) {
+    QTRAIN_LOG(INFO) << "--resume found " << path << "; --init_from=" << options_.init_from
+                     << " is not used";
   }
   ASSIGN_OR_RETURN(pb::Checkpoint ckpt, ReadCheckpointFile(path));
-  const std::vector<int64_t> input(ckpt.input_shape().begin(), ckpt.input_shape().end());
-  if (ckpt.model() != info_.name || input != info_.input || ckpt.num_classes() != info_.num_classes) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "checkpoint ", path, " holds model '", ckpt.model(), "' for input ",
-        nn::ShapeToString(input), " with ", ckpt.num_classes(), " classes; this run trains '",
-        info_.name, "' for ", nn::ShapeToString(info_.input), " with ", info_.num_classes));
-  }
+  RETURN_IF_ERROR(CheckSameModel(ckpt, path, info_));
   if (ckpt.epoch() < 0 || ckpt.step() < 0) {
     return absl::DataLossError(absl::StrCat("checkpoint ", path, " has negative progress"));
   }
@@ -452,6 +463,32 @@ absl::Status Trainer::MaybeResume(int64_t* epoch, int64_t* step, double* best) {
   *best = ckpt.best_test_accuracy();
   QTRAIN_LOG(INFO) << "resumed from " << path << " at epoch " << *epoch << ", step " << *step;
   MaybeRestoreResiduals(*epoch, *step);
+  return absl::OkStatus();
+}
+
+absl::Status Trainer::InitFrom(const std::string& where) {
+  if (where.empty()) return absl::OkStatus();
+  const std::string path = std::filesystem::is_directory(where)
+                               ? (std::filesystem::path(where) / kCheckpointFile).string()
+                               : where;
+  absl::StatusOr<pb::Checkpoint> ckpt = ReadCheckpointFile(path);
+  if (!ckpt.ok()) {
+    return absl::Status(ckpt.status().code(),
+                        absl::StrCat("--init_from: ", ckpt.status().message()));
+  }
+  RETURN_IF_ERROR(CheckSameModel(*ckpt, path, info_));
+  ASSIGN_OR_RETURN(MatchCounts counts, CopyMatchingState(*ckpt, params_, buffers_));
+  if (counts.parameters == 0) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "--init_from: no parameter of ", path, " matches this model by name and shape"));
+  }
+  if (guide_ != nullptr) {
+    RETURN_IF_ERROR(CopyMatchingState(*ckpt, guide_->fp_params(), guide_->fp_buffers()).status());
+  }
+  QTRAIN_LOG(INFO) << "--init_from: copied " << counts.parameters << "/"
+                   << counts.parameters_total << " parameters and " << counts.buffers << "/"
+                   << counts.buffers_total << " buffers from " << path
+                   << " (the rest keep their initial values)";
   return absl::OkStatus();
 }
 

@@ -79,6 +79,12 @@ struct TrainerOptions {
   std::string checkpoint_dir;   // "" = no checkpoints
   int64_t checkpoint_every = 1; // epochs between checkpoints (the last epoch always writes one)
   bool resume = false;          // continue from checkpoint_dir/checkpoint.qtrn if it exists
+  // A run that starts from scratch (nothing resumed) first copies the parameters and buffers of
+  // this checkpoint (a checkpoint.qtrn or the directory holding one; same model, input and
+  // classes) by name and shape: fine-tuning, e.g. a quantized model from a full-precision one.
+  // Tensors it lacks (quantizer parameters) keep their initial values; momentum starts at zero;
+  // a guided run's full-precision twin starts from it too. "" = off.
+  std::string init_from;
   uint64_t seed = 1;
   bool progress = true;         // the progress line on stderr
   std::string settings;         // recorded in checkpoints, for humans
@@ -208,6 +214,7 @@ class Trainer {
   Trainer() = default;
   absl::Status SaveCheckpoint(int64_t next_epoch, int64_t step, double best);
   absl::Status MaybeResume(int64_t* epoch, int64_t* step, double* best);
+  absl::Status InitFrom(const std::string& where);
   // Restores this rank's residuals from its sidecar if it matches (see the file comment).
   void MaybeRestoreResiduals(int64_t epoch, int64_t step);
   // Rank 0's parameters, buffers and momentum to every rank; checks all agree on the progress.

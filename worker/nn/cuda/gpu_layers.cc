@@ -7,6 +7,7 @@
 #include "worker/kernels/cuda/activation.h"
 #include "worker/kernels/cuda/batch_norm.h"
 #include "worker/kernels/cuda/conv.h"
+#include "worker/kernels/cuda/elementwise.h"
 #include "worker/kernels/cuda/pooling.h"
 #include "worker/kernels/cuda/sgemm.h"
 #include "worker/nn/batch_norm.h"
@@ -19,6 +20,7 @@
 #include "worker/nn/max_pool.h"
 #include "worker/nn/relu.h"
 #include "worker/nn/residual.h"
+#include "worker/nn/scalar_layer.h"
 #include "worker/nn/sequential.h"
 
 namespace qtrain::nn::cuda {
@@ -388,6 +390,45 @@ class GpuFlatten : public GpuLayer {
   Shape x_shape_;
 };
 
+// nn::ScalarLayer: y = s x; ds = sum(x dy) (deterministic reduction), dx = s dy.
+class GpuScalarLayer : public GpuLayer {
+ public:
+  GpuScalarLayer(ScalarLayer* layer, DeviceState* state)
+      : GpuLayer(layer->name()), param_(&layer->scale()), state_(state) {}
+  absl::StatusOr<Shape> Plan(const Shape& max_input, Planner* planner) override {
+    RETURN_IF_ERROR(Reserve(&y_, NumElements(max_input)));
+    RETURN_IF_ERROR(Reserve(&dx_, NumElements(max_input)));
+    planner->workspace_bytes =
+        std::max<uint64_t>(planner->workspace_bytes, kc::kReductionWorkspaceBytes);
+    return max_input;
+  }
+  absl::Status Forward(const GpuPass& pass, const DeviceTensor& x, DeviceTensor* y) override {
+    x_ = x;
+    RETURN_IF_ERROR(ScaleByDeviceScalar(pass.ctx, x.size(), state_->value(param_), x.data, y_.data()));
+    *y = DeviceTensor{y_.data(), x.shape};
+    return absl::OkStatus();
+  }
+  absl::Status Backward(const GpuPass& pass, const DeviceTensor& dy, DeviceTensor* dx) override {
+    if (pass.workspace == nullptr || pass.workspace_bytes < kc::kReductionWorkspaceBytes) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("scalar layer '", name(), "': the pass has no reduction workspace"));
+    }
+    RETURN_IF_ERROR(kc::Dot(pass.ctx, x_.size(), x_.data, dy.data,
+                            kc::DeviceScalarOut{.f32 = state_->grad(param_)}, pass.workspace));
+    if (dx == nullptr) return absl::OkStatus();
+    RETURN_IF_ERROR(
+        ScaleByDeviceScalar(pass.ctx, dy.size(), state_->value(param_), dy.data, dx_.data()));
+    *dx = DeviceTensor{dx_.data(), x_.shape};
+    return absl::OkStatus();
+  }
+
+ private:
+  Parameter* param_;
+  DeviceState* state_;
+  DeviceTensor x_;
+  DeviceArray<float> y_, dx_;
+};
+
 // ---- Residual -----------------------------------------------------------------------------------
 
 class GpuResidual : public GpuLayer {
@@ -568,6 +609,9 @@ absl::StatusOr<std::unique_ptr<GpuLayer>> CompileLayer(Layer* layer, DeviceState
     return std::make_unique<GpuGlobalAvgPool>(layer->name());
   }
   if (dynamic_cast<Flatten*>(layer) != nullptr) return std::make_unique<GpuFlatten>(layer->name());
+  if (auto* scalar = dynamic_cast<ScalarLayer*>(layer)) {
+    return std::make_unique<GpuScalarLayer>(scalar, state);
+  }
   return Unimplemented(layer, "");
 }
 

@@ -1,5 +1,5 @@
 // The GPU twin of an nn::Layer tree: CompileLayer walks a host model (Sequential, Conv2d, Linear,
-// BatchNorm2d, Relu, MaxPool2d, Flatten, GlobalAvgPool, Residual, and the quantized layers and
+// BatchNorm2d, Relu, MaxPool2d, Flatten, GlobalAvgPool, Residual, ScalarLayer, and the quantized layers and
 // activation quantizers of worker/quant) and builds one GpuLayer per layer that runs the same math
 // with the CUDA kernels (worker/kernels/cuda/) on device copies of the parameters (DeviceState).
 //

@@ -82,6 +82,15 @@ __global__ void AddInPlaceKernel(int64_t n, const float* __restrict__ b, float* 
   }
 }
 
+__global__ void ScaleByDeviceScalarKernel(int64_t n, const float* __restrict__ s,
+                                          const float* __restrict__ x, float* __restrict__ y) {
+  const float scale = *s;
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
+       i += int64_t{gridDim.x} * blockDim.x) {
+    y[i] = scale * x[i];
+  }
+}
+
 }  // namespace
 
 absl::Status AddRowBias(const CudaContext& ctx, int64_t rows, int64_t cols, const float* bias,
@@ -125,6 +134,13 @@ absl::Status AddInPlace(const CudaContext& ctx, int64_t n, const float* b, float
   if (n == 0) return absl::OkStatus();
   AddInPlaceKernel<<<GridFor(n), 256, 0, ctx.stream>>>(n, b, a);
   return LaunchStatus("AddInPlace");
+}
+
+absl::Status ScaleByDeviceScalar(const CudaContext& ctx, int64_t n, const float* s, const float* x,
+                                 float* y) {
+  if (n == 0) return absl::OkStatus();
+  ScaleByDeviceScalarKernel<<<GridFor(n), 256, 0, ctx.stream>>>(n, s, x, y);
+  return LaunchStatus("ScaleByDeviceScalar");
 }
 
 }  // namespace qtrain::nn::cuda

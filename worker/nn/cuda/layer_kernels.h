@@ -41,6 +41,9 @@ absl::Status ShortcutBackwardAccumulate(const CudaContext& ctx, const ShortcutSh
                                         const float* dz, float* dx);
 // a += b, n elements.
 absl::Status AddInPlace(const CudaContext& ctx, int64_t n, const float* b, float* a);
+// y = s[0] * x, n elements, with the scalar read on the device (nn::ScalarLayer).
+absl::Status ScaleByDeviceScalar(const CudaContext& ctx, int64_t n, const float* s, const float* x,
+                                 float* y);
 
 }  // namespace qtrain::nn::cuda
 

@@ -144,6 +144,51 @@ TEST_F(TrainerTest, ResumeRefusesAnotherModelAndCorruptFiles) {
   EXPECT_THAT(Train("mlp", o).summary, StatusIs(absl::StatusCode::kDataLoss));
 }
 
+// --init_from: a fresh run starts from another run's weights. With a learning rate too small to
+// move a float, the weights after the run are exactly the source run's final weights.
+TEST_F(TrainerTest, InitFromStartsFromAnotherRunsWeights) {
+  TrainerOptions source = Options(1);
+  source.checkpoint_dir = (dir_ / "source").string();
+  Run trained = Train("mlp", source);
+  ASSERT_THAT(trained.summary, IsOk());
+
+  TrainerOptions tune = Options(1);
+  tune.lr.base_lr = 1e-30f;
+  tune.sgd.weight_decay = 0;
+  tune.init_from = source.checkpoint_dir;
+  Run tuned = Train("mlp", tune);
+  ASSERT_THAT(tuned.summary, IsOk());
+  ASSERT_EQ(tuned.weights.size(), trained.weights.size());
+  EXPECT_EQ(0, std::memcmp(tuned.weights.data(), trained.weights.data(),
+                           4 * tuned.weights.size()));
+  EXPECT_NEAR(tuned.summary->final_test_accuracy, trained.summary->final_test_accuracy, 1e-9);
+
+  // Without it, the same settings stay at the random initialisation.
+  tune.init_from.clear();
+  Run fresh = Train("mlp", tune);
+  ASSERT_THAT(fresh.summary, IsOk());
+  EXPECT_NE(0, std::memcmp(fresh.weights.data(), trained.weights.data(),
+                           4 * fresh.weights.size()));
+}
+
+TEST_F(TrainerTest, InitFromRefusesAnotherModelAndMissingFiles) {
+  TrainerOptions source = Options(1);
+  source.checkpoint_dir = (dir_ / "source").string();
+  ASSERT_THAT(Train("mlp", source).summary, IsOk());
+  TrainerOptions o = Options(1);
+  o.init_from = source.checkpoint_dir;
+  EXPECT_THAT(Train("cnn", o).summary,
+              StatusIs(absl::StatusCode::kFailedPrecondition, HasSubstr("holds model 'mlp'")));
+  o.init_from = (dir_ / "nowhere").string();
+  EXPECT_THAT(Train("mlp", o).summary,
+              StatusIs(absl::StatusCode::kNotFound, HasSubstr("--init_from")));
+  // A checkpoint to resume from wins: --init_from is then not read at all.
+  o.checkpoint_dir = source.checkpoint_dir;
+  o.resume = true;
+  o.epochs = 2;
+  EXPECT_THAT(Train("mlp", o).summary, IsOk());
+}
+
 TEST_F(TrainerTest, BadOptionsAreRejected) {
   TrainerOptions o = Options(0);
   EXPECT_THAT(Train("mlp", o).summary, StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("--epochs")));

@@ -3,6 +3,7 @@
 // CUDA graphs must not change the results; a model the GPU cannot run is refused by name.
 #include "worker/nn/cuda/cuda_engine.h"
 
+#include <cctype>
 #include <cmath>
 #include <random>
 
@@ -61,12 +62,16 @@ std::vector<float> Flatten(Layer& model) {
   return out;
 }
 
-// Trains `name` on `batches` with the CPU layers (engine == nullopt) or the CUDA engine.
+// Trains `name` on `batches` with the CPU layers (engine == nullopt) or the CUDA engine. A name
+// ending in "+scalar" appends the scalar layer (initialised at 0.5, so it matters).
 absl::StatusOr<TrainRun> Train(const std::string& name, const std::string& quant,
                           const std::vector<Batch>& batches, std::optional<bool> graphs) {
   const Shape chw = {batches[0].x.dim(1), batches[0].x.dim(2), batches[0].x.dim(3)};
   std::unique_ptr<quant::QuantLayerFactory> factory;
-  ModelSpec spec{name, chw, 10, 3};
+  const std::string suffix = "+scalar";
+  const bool scalar = name.size() > suffix.size() && name.ends_with(suffix);
+  ModelSpec spec{scalar ? name.substr(0, name.size() - suffix.size()) : name, chw, 10, 3};
+  if (scalar) spec.scalar_layer = 0.5f;
   if (!quant.empty()) {
     ASSIGN_OR_RETURN(quant::QuantConfig config,
                      quant::MakeQuantConfig(quant, "none", "none", true, true));
@@ -169,7 +174,12 @@ TEST_P(CudaEngineModelTest, GraphsGiveTheSameBitsAsEagerSteps) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Models, CudaEngineModelTest,
-                         ::testing::Values("mlp", "cnn", "resnet20"));
+                         ::testing::Values("mlp", "cnn", "resnet20", "cnn+scalar"),
+                         [](const ::testing::TestParamInfo<std::string>& info) {
+                           std::string n = info.param;
+                           for (char& c : n) c = std::isalnum(static_cast<unsigned char>(c)) ? c : '_';
+                           return n;
+                         });
 
 TEST(CudaEngineTest, WrongBatchIsRejected) {
   QTRAIN_REQUIRE_GPU();
