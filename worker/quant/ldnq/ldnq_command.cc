@@ -592,6 +592,11 @@ absl::StatusOr<LdnqReport> RunLdnq(const LdnqCommandOptions& options) {
                   100 * report.test_accuracy, 100 * report.fp_test_accuracy,
                   100 * (report.test_accuracy - report.fp_test_accuracy));
     }
+    std::printf(
+        "ldnq: to pack it: qtrain export --checkpoint_dir=%s --wq=pow2:levels=%d "
+        "--fp_first_last=%s (with this run's model and data flags)\n",
+        options.out_dir.c_str(), options.levels,
+        options.first_last == FirstLastPolicy::kQuantizeAll ? "false" : "true");
     std::fflush(stdout);
   }
   return report;

@@ -29,7 +29,9 @@
 // The result is a training checkpoint (same format, same parameter names) written to
 // <out_dir>/checkpoint.qtrn whose quantized weights already lie on their layer's levels, so
 // `qtrain eval --checkpoint_dir=<out_dir>` with the model flags runs it; its settings line records
-// "ldnq=..." and no "quant=", so eval accepts it with or without weight-quantizer flags.
+// "ldnq=...,levels=L,...,first_last=..." and no "quant=". `qtrain export` / `eval --packed` run it
+// on the packed low-bit path with --wq=pow2:levels=L --fp_first_last=false (pow2.h reproduces the
+// weights bit for bit; export_command.h checks the flags against the settings).
 //
 // Thread-safety: each call owns everything it uses. Cost: per weight layer one forward pass over
 // the calibration set (Hessian), one BN refresh pass, the ADMM solve, and for ldnq

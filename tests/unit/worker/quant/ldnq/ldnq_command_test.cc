@@ -158,6 +158,56 @@ TEST(LdnqCommandTest, CnnEveryMethodLandsOnTheLevelsAndEvalRunsIt) {
   std::filesystem::remove_all(dir);
 }
 
+// The result packs with --wq=pow2:levels=L (every layer, first and last too) and the packed model
+// predicts every test image as `qtrain eval` of the checkpoint does; export without those flags
+// is refused, naming them.
+TEST(LdnqCommandTest, ExportAndPackedEvalOfTheResult) {
+  const std::string dir = TempDir("ldnq_packed");
+  WriteFpCheckpoint("cnn", dir + "/fp");
+  for (int count : {5}) {  // 3 bits of index, integers -2..2 (one run: each costs seconds)
+    const std::string out = dir + "/l" + std::to_string(count);
+    LdnqCommandOptions o = Options("cnn", dir + "/fp", out);
+    o.levels = count;
+    absl::StatusOr<LdnqReport> report = RunLdnq(o);
+    ASSERT_TRUE(report.ok()) << report.status();
+
+    ExportCommandOptions ex;
+    ex.source = o.source;
+    ex.checkpoint_dir = out;
+    absl::StatusOr<ExportStats> refused = RunExport(ex);
+    EXPECT_EQ(refused.status().code(), absl::StatusCode::kFailedPrecondition);
+    EXPECT_NE(refused.status().message().find(
+                  "--wq=pow2:levels=" + std::to_string(count) + " --aq=none --fp_first_last=false"),
+              std::string::npos)
+        << refused.status();
+    ex.source.wq = "pow2:levels=" + std::to_string(count);
+    ex.source.fp_first_last = false;
+    absl::StatusOr<ExportStats> stats = RunExport(ex);
+    ASSERT_TRUE(stats.ok()) << stats.status();
+    EXPECT_EQ(stats->packed_layers, 6);  // all of conv1..conv4, fc1, fc2
+    EXPECT_EQ(stats->level_table_layers, 0);
+    EXPECT_GT(stats->ratio(), 1.0);
+
+    EvalCommandOptions eval;
+    eval.source = ex.source;
+    eval.checkpoint_dir = out;
+    eval.packed = out + "/model.qpack";
+    absl::StatusOr<EvalReport> e = RunEval(eval);
+    ASSERT_TRUE(e.ok()) << e.status();
+    EXPECT_EQ(e->images, 128);  // the whole synthetic test split
+    EXPECT_EQ(e->differing_predictions, 0);
+    EXPECT_LT(e->max_relative_logit_diff, 1e-5);
+    EXPECT_NEAR(e->fake_accuracy, report->test_accuracy, 1e-9);
+    EXPECT_NEAR(e->packed_accuracy, report->test_accuracy, 1e-9);
+
+    // Another level count would re-project the weights: refused.
+    EvalCommandOptions other = eval;
+    other.source.wq = "pow2:levels=" + std::to_string(count == 3 ? 5 : 3);
+    EXPECT_EQ(RunEval(other).status().code(), absl::StatusCode::kFailedPrecondition);
+  }
+  std::filesystem::remove_all(dir);
+}
+
 TEST(LdnqCommandTest, KeepFirstLastFullPrecision) {
   const std::string dir = TempDir("ldnq_fl");
   WriteFpCheckpoint("mlp", dir + "/fp");
