@@ -252,9 +252,38 @@ quant::ModelSource ModelSourceFromFlags() {
   return source;
 }
 
+// `qtrain ldnq` under mpirun: distributed calibration (ldnq_command.h) over an fp32
+// MpiCommunicator, of which it uses the exact collectives (AllReduceSum, AllGatherU64). Any error
+// ends the whole job (MPI_Abort), so that no rank waits for a peer that has given up.
+absl::Status RunLdnqUnderMpi(const quant::ldnq::LdnqCommandOptions& options, int* argc,
+                             char*** argv) {
+  comm::MpiOptions mpi;  // codec fp32
+  mpi.timeout_seconds = absl::GetFlag(FLAGS_comm_timeout);
+  if (!(mpi.timeout_seconds > 0) || !std::isfinite(mpi.timeout_seconds)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--comm_timeout must be a number of seconds > 0, got ", mpi.timeout_seconds));
+  }
+  RETURN_IF_ERROR(comm::InitMpi(argc, argv));
+  {
+    absl::StatusOr<std::unique_ptr<comm::Communicator>> communicator =
+        comm::CreateMpiCommunicator(mpi);
+    absl::Status status = communicator.status();
+    if (communicator.ok()) {
+      if ((*communicator)->rank() != 0) SetMinLogSeverity(LogSeverity::kWarning);
+      status = quant::ldnq::RunLdnqCommand(options, communicator->get());
+    }
+    if (!status.ok()) {
+      std::fprintf(stderr, "qtrain: %s\n", status.ToString().c_str());
+      comm::AbortMpi(1);
+    }
+  }  // the communicator is freed before MPI_Finalize
+  return comm::FinalizeMpi();
+}
+
 // `qtrain export` and `qtrain eval`: the packed low-bit model (worker/quant/export_command.h);
-// `qtrain ldnq`: L-DNQ post-training quantization (worker/quant/ldnq/ldnq_command.h).
-absl::Status RunSubcommand(const std::string& command) {
+// `qtrain ldnq`: L-DNQ post-training quantization (worker/quant/ldnq/ldnq_command.h), distributed
+// under mpirun. argc / argv: for MPI_Init.
+absl::Status RunSubcommand(const std::string& command, int* argc, char*** argv) {
   if (command == "export") {
     quant::ExportCommandOptions options;
     options.source = ModelSourceFromFlags();
@@ -296,6 +325,7 @@ absl::Status RunSubcommand(const std::string& command) {
     options.admm.max_iterations = absl::GetFlag(FLAGS_admm_iters);
     options.admm.patience = absl::GetFlag(FLAGS_admm_patience);
     options.metrics_path = absl::GetFlag(FLAGS_metrics);
+    if (comm::LaunchedByMpirun()) return RunLdnqUnderMpi(options, argc, argv);
     return quant::ldnq::RunLdnqCommand(options);
   }
   return absl::InvalidArgumentError(
@@ -547,6 +577,7 @@ int main(int argc, char** argv) {
       "  qtrain export --checkpoint_dir=D [--out=F] [model/quant flags]   packed low-bit model\n"
       "  qtrain eval --checkpoint_dir=D [--packed=F] [model/quant flags]  test accuracy of both\n"
       "  qtrain ldnq --checkpoint_dir=D --out=O [--calib=600 --levels=3 --method=ldnq]  L-DNQ\n"
+      "  mpirun -np 4 qtrain ldnq [--flags]   L-DNQ with the calibration work split over 4 ranks\n"
       "Every flag is listed below with its default.");
   std::vector<char*> positional = absl::ParseCommandLine(argc, argv);
   if (positional.size() > 2) {
@@ -554,7 +585,7 @@ int main(int argc, char** argv) {
     return 2;
   }
   if (positional.size() == 2) {
-    absl::Status status = qtrain::RunSubcommand(positional[1]);
+    absl::Status status = qtrain::RunSubcommand(positional[1], &argc, &argv);
     if (!status.ok()) {
       std::fprintf(stderr, "qtrain: %s\n", status.ToString().c_str());
       return 1;

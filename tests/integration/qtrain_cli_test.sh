@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # End-to-end checks of the qtrain binary on a few hundred real Fashion-MNIST images: a short
-# training run that learns, checkpoint + resume, and clear errors for bad flags, bad data and a
-# corrupt checkpoint. Usage: qtrain_cli_test.sh <path to qtrain>
+# training run that learns, checkpoint + resume, L-DNQ of it with packed export and inference,
+# and clear errors for bad flags, bad data and a corrupt checkpoint.
+# Usage: qtrain_cli_test.sh <path to qtrain>
 set -uo pipefail
 qtrain=$1
 data=/usr/share/datasets/fashion-mnist
@@ -21,6 +22,19 @@ check "help lists flags" 1 "--model \(Model: mlp, cnn, resnet20 or mlp-wide" -- 
 check "short run learns" 0 "final_test_accuracy=([5-9][0-9]|100)\." -- \
   "$qtrain" --model=cnn --epochs=2 "${common[@]}" --checkpoint_dir="$work/ck" --metrics="$work/m.jsonl"
 check "metrics file has epoch records" 0 '"type":"epoch"' -- cat "$work/m.jsonl"
+# `qtrain ldnq` of that FP model to 3 levels from 64 images (method dq, L-DNQ's baseline: the
+# same levels in seconds, where ADMM on the 3137-wide fc1 takes minutes), packed as 2-bit level
+# indices; packed inference (FP32 on the decoded weights: the result keeps FP activations)
+# predicts every test image as `eval` of the checkpoint does.
+lflags=(--model=cnn --max_train=512 --max_test=300 --threads=2)
+check "ldnq quantizes the FP model to 3 levels" 0 "ldnq: done.*to pack it: qtrain export .*--wq=pow2:levels=3 --fp_first_last=false" -- \
+  "$qtrain" ldnq "${lflags[@]}" --checkpoint_dir="$work/ck" --out="$work/l3" --calib=64 --levels=3 --method=dq
+check "export of the L-DNQ result without pow2 flags is refused" 1 "FAILED_PRECONDITION.*--wq=pow2:levels=3 --aq=none --fp_first_last=false" -- \
+  "$qtrain" export "${lflags[@]}" --checkpoint_dir="$work/l3"
+check "export packs the L-DNQ result" 0 "export: .*model.qpack [0-9]+ bytes, fp32 model [0-9]+ bytes \((1[2-9]|[2-9][0-9])\.[0-9]x smaller\)" -- \
+  "$qtrain" export "${lflags[@]}" --wq=pow2:levels=3 --fp_first_last=false --checkpoint_dir="$work/l3"
+check "packed L-DNQ model predicts like the checkpoint" 0 "0 of 300 predictions differ" -- \
+  "$qtrain" eval "${lflags[@]}" --wq=pow2:levels=3 --fp_first_last=false --checkpoint_dir="$work/l3" --packed="$work/l3/model.qpack"
 check "resume of a finished run trains nothing" 0 "epochs=0 " -- \
   "$qtrain" --model=cnn --epochs=2 "${common[@]}" --checkpoint_dir="$work/ck" --resume
 check "a quantized run fine-tunes from the FP run" 0 "--init_from: copied ([0-9]+)/\1 parameters and ([0-9]+)/\2 buffers" -- \

@@ -13,6 +13,7 @@
 #include "worker/quant/binary.h"
 #include "worker/quant/dorefa.h"
 #include "worker/quant/packed_format.h"
+#include "worker/quant/pow2.h"
 #include "worker/quant/qil.h"
 #include "worker/quant/quantized_layers.h"
 #include "worker/quant/sawb.h"
@@ -130,9 +131,7 @@ bool FindExactAffine(const std::vector<float>& level, const std::vector<bool>& u
   return false;
 }
 
-// Fills weight from the quantized weights of one layer and verifies it bit for bit.
-absl::Status EncodeWeight(const std::string& path, const WeightLayerView& view,
-                          pb::PackedWeight* weight, ExportStats* stats) {
+absl::Status CheckSettled(const std::string& path, const WeightLayerView& view) {
   const nn::Tensor& wq = *view.quantized;
   const nn::Tensor& w = *view.master;
   if (wq.shape() != w.shape() || wq.empty()) {
@@ -140,6 +139,62 @@ absl::Status EncodeWeight(const std::string& path, const WeightLayerView& view,
         "layer '", path, "' has no quantized weight of shape ", nn::ShapeToString(w.shape()),
         " (got ", nn::ShapeToString(wq.shape()), "): run a forward pass before export"));
   }
+  return absl::OkStatus();
+}
+
+// Power-of-two weights (pow2.h): each weight is alpha * q with q in {0, +-1, +-2, ..., +-2^b}.
+// The code is q's index among the unit levels (ascending, ceil(log2 L) bits), code_values lists
+// the q of every index, wscale = alpha and wzero = 0 on every row: alpha * q is exact in float.
+absl::Status EncodePow2Weight(const std::string& path, const WeightLayerView& view,
+                              const Pow2WeightQuantizer& q, pb::PackedWeight* weight,
+                              ExportStats* stats) {
+  const nn::Tensor& wq = *view.quantized;
+  const nn::Tensor& w = *view.master;
+  const int64_t rows = w.dim(0);
+  const int64_t cols = w.size() / rows;
+  const float alpha = q.alpha() * view.weight_scale;
+  const std::vector<float> unit = q.level_set().UnitLevels();
+  std::vector<int> values(unit.size());
+  for (size_t j = 0; j < unit.size(); ++j) values[j] = static_cast<int>(unit[j]);
+  std::vector<uint8_t> codes(static_cast<size_t>(rows * cols));
+  for (int64_t i = 0; i < rows * cols; ++i) {
+    const float v = wq[i];
+    int found = -1;
+    for (size_t j = 0; j < values.size() && found < 0; ++j) {
+      if (SameLevel(DequantizeAffine(alpha, 0.0f, values[j]), v)) found = static_cast<int>(j);
+    }
+    if (found < 0) {
+      return absl::InternalError(absl::StrCat("layer '", path, "': quantized weight ", v,
+                                              " at row ", i / cols, " column ", i % cols,
+                                              " is not on ", q.Describe(), " with alpha ", alpha));
+    }
+    codes[static_cast<size_t>(i)] = static_cast<uint8_t>(found);
+  }
+  const int bits = q.bits();
+  weight->set_bits(bits);
+  weight->set_rows(rows);
+  weight->set_cols(cols);
+  weight->mutable_shape()->Assign(w.shape().begin(), w.shape().end());
+  weight->set_codes(PackCodesDense(codes, bits));
+  const std::vector<float> wscale(static_cast<size_t>(rows), alpha);
+  const std::vector<float> wzero(static_cast<size_t>(rows), 0.0f);
+  weight->mutable_wscale()->Assign(wscale.begin(), wscale.end());
+  weight->mutable_wzero()->Assign(wzero.begin(), wzero.end());
+  weight->mutable_code_values()->Assign(values.begin(), values.end());
+  ++stats->packed_layers;
+  stats->packed_weights += rows * cols;
+  return absl::OkStatus();
+}
+
+// Fills weight from the quantized weights of one layer and verifies it bit for bit.
+absl::Status EncodeWeight(const std::string& path, const WeightLayerView& view,
+                          pb::PackedWeight* weight, ExportStats* stats) {
+  RETURN_IF_ERROR(CheckSettled(path, view));
+  if (const auto* pow2 = dynamic_cast<const Pow2WeightQuantizer*>(view.quantizer)) {
+    return EncodePow2Weight(path, view, *pow2, weight, stats);
+  }
+  const nn::Tensor& wq = *view.quantized;
+  const nn::Tensor& w = *view.master;
   const int bits = view.quantizer->bits();
   const int levels = 1 << bits;
   const int64_t rows = w.dim(0);

@@ -10,6 +10,9 @@
 //   QIL     j/q, j = -q..q (q = 2^(k-1) - 1)        code j + q, wscale = 1/q, wzero = -1 (times ws)
 //   binary  -alpha_c, +alpha_c per row              wscale = 2alpha_c, wzero = -alpha_c (1 bit)
 //   ternary -alpha, 0, alpha                         wscale = alpha, wzero = -alpha (2 bits)
+//   pow2    alpha * {0, +-1, ..., +-2^b}             code = index of the level (ceil(log2 L) bits),
+//           code_values = the small integers {-2^b, ..., 2^b}, wscale = alpha, wzero = 0; the
+//           packed model multiplies with them as integers (packed_model.h)
 // Export then VERIFIES that the stored representation gives back quantized_weight() bit for bit,
 // element by element (INTERNAL naming the layer otherwise); the one latitude is the sign of zero:
 // QIL's sign(w) * 0 gives -0 and +0 for the same level, stored as +0 (no product or sum tells

@@ -5,10 +5,14 @@
 #include <cstdio>
 #include <filesystem>
 #include <memory>
+#include <optional>
 #include <thread>
 #include <vector>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "absl/strings/strip.h"
 #include "common/status_macros.h"
 #include "common/timer.h"
 #include "worker/data/batch.h"
@@ -80,7 +84,61 @@ std::string SettingsQuant(const std::string& settings) {
   return "";
 }
 
-absl::Status RestoreCheckpoint(const std::string& dir, Setup* s) {
+// What `qtrain ldnq` records in its checkpoint's settings: "ldnq=method:ldnq,levels=3,calib=600,
+// first_last=quantize,retrain_epochs=0".
+struct LdnqOrigin {
+  int levels = 0;
+  bool first_last_fp = false;
+};
+
+std::optional<LdnqOrigin> LdnqOriginOf(const std::string& settings) {
+  size_t pos = settings.rfind(" ldnq=");
+  if (pos != std::string::npos) {
+    ++pos;
+  } else if (settings.rfind("ldnq=", 0) == 0) {
+    pos = 0;
+  } else {
+    return std::nullopt;
+  }
+  const size_t begin = pos + 5;
+  const size_t end = settings.find(' ', begin);
+  const std::string value =
+      settings.substr(begin, end == std::string::npos ? std::string::npos : end - begin);
+  LdnqOrigin origin;
+  for (absl::string_view item : absl::StrSplit(value, ',')) {
+    if (absl::ConsumePrefix(&item, "levels=")) {
+      if (!absl::SimpleAtoi(item, &origin.levels)) origin.levels = 0;
+    } else if (absl::ConsumePrefix(&item, "first_last=")) {
+      origin.first_last_fp = item == "fp";
+    }
+  }
+  return origin;
+}
+
+enum class RestoreFor { kExport, kEval };
+
+// An L-DNQ result is a plain checkpoint whose weights lie on power-of-two levels: `eval` runs it
+// as it is or with the matching pow2 quantizer (same predictions), `export` only with the latter
+// (else nothing would be packed). Other flags are FAILED_PRECONDITION naming the right ones.
+absl::Status CheckLdnqFlags(const std::string& path, const std::string& settings,
+                            const QuantConfig& config, RestoreFor use) {
+  const std::optional<LdnqOrigin> origin = LdnqOriginOf(settings);
+  if (!origin) return absl::OkStatus();
+  const bool matches = config.weight.method == Method::kPow2 &&
+                       config.weight.pow2_levels == origin->levels &&
+                       config.activation.method == Method::kNone &&
+                       config.keep_first_last_fp == origin->first_last_fp;
+  if (matches || (use == RestoreFor::kEval && !config.quantizes())) return absl::OkStatus();
+  return absl::FailedPreconditionError(absl::StrCat(
+      "checkpoint ", path, " is a `qtrain ldnq` result (", origin->levels, " levels, first/last ",
+      origin->first_last_fp ? "full precision" : "quantized", "); ",
+      use == RestoreFor::kExport ? "export" : "evaluate", " it with --wq=pow2:levels=",
+      origin->levels, " --aq=none --fp_first_last=", origin->first_last_fp ? "true" : "false",
+      use == RestoreFor::kEval ? " (or no quantization flags)" : "", "; the flags give quant=",
+      config.ToString()));
+}
+
+absl::Status RestoreCheckpoint(const std::string& dir, Setup* s, RestoreFor use) {
   const std::string path = (std::filesystem::path(dir) / kCheckpointFileName).string();
   ASSIGN_OR_RETURN(pb::Checkpoint ckpt, train::ReadCheckpointFile(path));
   const nn::Shape input(ckpt.input_shape().begin(), ckpt.input_shape().end());
@@ -99,6 +157,7 @@ absl::Status RestoreCheckpoint(const std::string& dir, Setup* s) {
                                                       "; the flags give quant=",
                                                       s->config.ToString()));
   }
+  RETURN_IF_ERROR(CheckLdnqFlags(path, ckpt.settings(), s->config, use));
   std::vector<nn::Parameter*> params;
   s->model->CollectParameters(&params);
   std::vector<nn::Buffer*> buffers;
@@ -133,7 +192,7 @@ absl::StatusOr<ExportStats> RunExport(const ExportCommandOptions& options) {
   }
   if (options.settle_batch < 1) return absl::InvalidArgumentError("settle_batch must be >= 1");
   ASSIGN_OR_RETURN(std::unique_ptr<Setup> s, MakeSetup(options.source));
-  RETURN_IF_ERROR(RestoreCheckpoint(options.checkpoint_dir, s.get()));
+  RETURN_IF_ERROR(RestoreCheckpoint(options.checkpoint_dir, s.get(), RestoreFor::kExport));
   const data::Dataset& test = s->splits.test;
   if (test.size() < 1) return absl::InvalidArgumentError("the test split is empty");
   nn::Tensor x;
@@ -183,7 +242,7 @@ absl::StatusOr<EvalReport> RunEval(const EvalCommandOptions& options) {
   std::vector<float> fake_logits;
 
   if (!options.checkpoint_dir.empty()) {
-    RETURN_IF_ERROR(RestoreCheckpoint(options.checkpoint_dir, s.get()));
+    RETURN_IF_ERROR(RestoreCheckpoint(options.checkpoint_dir, s.get(), RestoreFor::kEval));
     fake_logits.resize(static_cast<size_t>(n * classes));
     nn::RunContext ctx;
     ctx.cpu = s->cpu;

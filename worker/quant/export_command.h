@@ -6,7 +6,11 @@
 // --quant / --fp_first_last / --fpsc flags; --max_train too, because the normalization statistics
 // come from the training split) and read <checkpoint_dir>/checkpoint.qtrn with the checkpoint
 // reader; a checkpoint trained with another quantization config (its settings record
-// "quant=...") is FAILED_PRECONDITION naming both.
+// "quant=...") is FAILED_PRECONDITION naming both. An L-DNQ result (`qtrain ldnq`; settings
+// "ldnq=...,levels=L,...,first_last=quantize|fp") is exported with the power-of-two quantizer
+// that reproduces it, --wq=pow2:levels=L --aq=none --fp_first_last=false (true for
+// first_last=fp), and evaluated with those flags or none; other flags are FAILED_PRECONDITION
+// naming the right ones.
 //
 // Thread-safety: each call owns everything it uses. Cost: loading the data set and the model,
 // plus one forward pass over a batch (export) or over the test split per model (eval).

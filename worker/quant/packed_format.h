@@ -1,8 +1,8 @@
 // The packed-model file (`qtrain export` writes it, `qtrain eval --packed` runs it) and the
 // network walk that export and packed inference share.
 //
-// File layout, format version 1: the framing of common/framed_file.h with the magic "QTRNPACK"
-// (bytes 0..7), uint32 version 1, uint32 CRC-32 of the body, uint64 body length, then the body:
+// File layout, format version 2: the framing of common/framed_file.h with the magic "QTRNPACK"
+// (bytes 0..7), uint32 version 2, uint32 CRC-32 of the body, uint64 body length, then the body:
 // a serialized pb::PackedModel (proto/packed_model.proto), whose comments define every field.
 // In short: the model name, input shape, class count and quantization config (enough to rebuild
 // the network with nn::BuildModel + QuantLayerFactory), then one PackedLayer per layer that holds
@@ -12,10 +12,14 @@
 //                         parameters and buffers under their full names.
 //   PACKED_CONV2D/LINEAR  a quantized weight as bits-wide codes, densely bit-packed, with a
 //                         per-row affine map (and, where that map is not bit-exact, a level
-//                         table), the bias, and the codebook of the layer's input activation.
+//                         table, or since version 2 the small integers the codes stand for:
+//                         PackedWeight.code_values, power-of-two weights), the bias, and the
+//                         codebook of the layer's input activation.
 //   ACTIVATION_QUANTIZER  PACT / DoReFa / QIL: its parameters (alpha; c, d) and output codebook.
 // Reading checks the framing (DATA_LOSS for a wrong magic, truncation, a length or checksum
 // mismatch or an unparseable body, naming the file; FAILED_PRECONDITION for a newer version).
+// Version 1 files (no code_values) read unchanged; version 2 is written because a version 1
+// reader would take the level indices of power-of-two weights for affine codes.
 //
 // Thread-safety: pure functions. Cost: one serialization / parse and one CRC pass.
 #ifndef QTRAIN_WORKER_QUANT_PACKED_FORMAT_H_
@@ -38,7 +42,7 @@
 namespace qtrain::quant {
 
 inline constexpr char kPackedModelMagic[8] = {'Q', 'T', 'R', 'N', 'P', 'A', 'C', 'K'};
-inline constexpr uint32_t kPackedModelVersion = 1;
+inline constexpr uint32_t kPackedModelVersion = 2;
 inline constexpr uint64_t kMaxPackedModelBytes = uint64_t{2} << 30;
 
 absl::Status WritePackedModelFile(const std::string& path, const pb::PackedModel& model);

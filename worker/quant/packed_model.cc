@@ -1,6 +1,7 @@
 #include "worker/quant/packed_model.h"
 
 #include <algorithm>
+#include <bit>
 #include <cstring>
 #include <random>
 #include <utility>
@@ -30,9 +31,10 @@ class PackedWeightOp {
   std::string name;
   bool conv = false;
   nn::Conv2dOptions conv_options;  // conv only
-  int wbits = 0;
-  int64_t rows = 0;  // output channels / features
-  int64_t cols = 0;  // fan-in
+  int wbits = 0;                   // of the GEMM's codes
+  int code_values = 0;             // > 0: the stored codes stand for that many integers (pow2)
+  int64_t rows = 0;                // output channels / features
+  int64_t cols = 0;                // fan-in
   ActCodebook input;
   bool lowbit = false;
   kernels::CodeLayout layout = kernels::CodeLayout::kBytes;
@@ -215,14 +217,18 @@ void PackedWeightOp::Forward(nn::RunContext& ctx, const nn::Tensor& x, nn::Tenso
 
 std::string PackedWeightOp::Describe() const {
   if (!lowbit) {
-    return absl::StrCat(name, ": fp32 on the dequantized ", wbits, "-bit weight [", rows, "x", cols,
+    return absl::StrCat(
+        name, ": fp32 on the dequantized ",
+        code_values > 0 ? absl::StrCat(code_values, "-level") : absl::StrCat(wbits, "-bit"),
+        " weight [", rows, "x", cols,
                         "] (", input.quantized() ? "fan-in above the integer GEMM's depth"
                                                  : "full-precision input",
                         ")");
   }
   return absl::StrCat(name, ": lowbit W", wbits, "A", input.bits, " ",
                       layout == kernels::CodeLayout::kBitPlanes ? "popcount" : "integer", " [",
-                      rows, "x", cols, "]");
+                      rows, "x", cols, "]",
+                      code_values > 0 ? absl::StrCat(" (", code_values, " integer levels)") : "");
 }
 
 PackedModel::PackedModel() = default;
@@ -434,6 +440,26 @@ absl::StatusOr<std::unique_ptr<PackedWeightOp>> MakeOp(const std::string& path,
     return corrupt("a level table of ", table, " values (expected 0, ", levels, " or ",
                    op->rows * levels, ")");
   }
+  // Integer codes (power-of-two weights): stored code c stands for the integer values[c].
+  const std::vector<int> values(pw.code_values().begin(), pw.code_values().end());
+  int64_t min_value = 0, max_value = 0;
+  if (!values.empty()) {
+    if (table != 0) return corrupt("both a level table and code values");
+    if (static_cast<int64_t>(values.size()) > levels) {
+      return corrupt(values.size(), " code values for ", op->wbits, "-bit codes");
+    }
+    min_value = *std::min_element(values.begin(), values.end());
+    max_value = *std::max_element(values.begin(), values.end());
+    if (max_value - min_value > 255) {
+      return corrupt("code values spanning ", min_value, "..", max_value,
+                     " (the integer GEMM takes at most 256 consecutive integers)");
+    }
+    for (uint8_t c : codes) {
+      if (c >= values.size()) {
+        return corrupt("code ", c, " beyond its ", values.size(), " code values");
+      }
+    }
+  }
   if (stored.activation().bits() < 0 || stored.activation().bits() > 8) {
     return corrupt("input codebook of ", stored.activation().bits(), " bits");
   }
@@ -453,9 +479,25 @@ absl::StatusOr<std::unique_ptr<PackedWeightOp>> MakeOp(const std::string& path,
   RETURN_IF_ERROR(LoadTensors(path, stored, bias_target));
   if (bias != nullptr) op->bias.assign(bias_value.data(), bias_value.data() + bias_value.size());
 
+  // The GEMM's unsigned codes: the stored ones, or values[c] - min_value at the width they need.
+  int gemm_bits = op->wbits;
+  if (!values.empty()) {
+    const auto span = static_cast<uint64_t>(max_value - min_value);
+    gemm_bits = std::max(1, static_cast<int>(std::bit_width(span)));
+  }
+  op->code_values = static_cast<int>(values.size());
   op->lowbit = op->input.quantized() &&
-               op->cols <= kernels::LowbitMaxDepth(op->wbits, op->input.bits);
+               op->cols <= kernels::LowbitMaxDepth(gemm_bits, op->input.bits);
   if (op->lowbit) {
+    if (!values.empty()) {
+      for (uint8_t& c : codes) c = static_cast<uint8_t>(values[c] - min_value);
+      // w = wscale * (g + min) + wzero for GEMM code g; exact for export's pow2 weights
+      // (min = -2^b, wzero = 0).
+      for (int64_t r = 0; r < op->rows; ++r) {
+        op->wzero[r] = DequantizeAffine(op->wscale[r], op->wzero[r], static_cast<int>(min_value));
+      }
+      op->wbits = gemm_bits;
+    }
     op->layout = op->wbits <= 2 && op->input.bits <= 2 ? kernels::CodeLayout::kBitPlanes
                                                         : kernels::CodeLayout::kBytes;
     RETURN_IF_ERROR(
@@ -482,7 +524,9 @@ absl::StatusOr<std::unique_ptr<PackedWeightOp>> MakeOp(const std::string& path,
     for (int64_t k = 0; k < op->cols; ++k) {
       const int code = codes[static_cast<size_t>(r * op->cols + k)];
       float v;
-      if (table == 0) {
+      if (!values.empty()) {
+        v = DequantizeAffine(op->wscale[r], op->wzero[r], values[static_cast<size_t>(code)]);
+      } else if (table == 0) {
         v = DequantizeAffine(op->wscale[r], op->wzero[r], code);
       } else if (table == levels) {
         v = pw.levels(code);

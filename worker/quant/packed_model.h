@@ -14,6 +14,11 @@
 //     integers; the epilogue is evaluated in double and rounded once.
 //   - full-precision input (e.g. --aq=none, or a quantized first layer reading images): the FP32
 //     kernels on the dequantized weight, which equals the fake-quantized weight bit for bit.
+//   Power-of-two weights (PackedWeight.code_values, `--wq=pow2:levels=L`): the stored level index
+//     becomes the unsigned integer q + 2^b for the level alpha * q (0..2^(b+1): 2 bits for 3
+//     levels, 3 for 5, 4 for 7, 5 for 9) with wscale = alpha and wzero = -2^b alpha, so they run
+//     on the same kernels (popcount for 3 levels behind an activation of <= 2 bits). L-DNQ
+//     results keep full-precision activations, so all their layers take the FP32 path.
 // Batch norm (eval mode), pooling, ReLUs, activation quantizers, the full-precision first and
 // last layers and the residual adds run on the existing layers, in eval mode.
 // Predictions therefore equal the fake-quantized model's; logits differ only by float summation

@@ -14,6 +14,7 @@
 #include "worker/quant/binary.h"
 #include "worker/quant/dorefa.h"
 #include "worker/quant/pact.h"
+#include "worker/quant/pow2.h"
 #include "worker/quant/qil.h"
 #include "worker/quant/sawb.h"
 #include "worker/quant/ternary.h"
@@ -40,6 +41,8 @@ const std::vector<MethodInfo>& Methods(Target target) {
       {"qil", Method::kQil, {"bits", "gamma"}, 2, 8},
       {"binary", Method::kBinary, {"bits"}, 1, 1},
       {"ternary", Method::kTernary, {"bits"}, 2, 2},
+      // bits follow from levels (Pow2WeightQuantizer::StorageBits); 0..0 marks "no bits key".
+      {"pow2", Method::kPow2, {"levels"}, 0, 0},
   };
   static const std::vector<MethodInfo>* activation = new std::vector<MethodInfo>{
       {"none", Method::kNone, {}, 32, 32},
@@ -122,6 +125,16 @@ absl::StatusOr<QuantSpec> Parse(Target target, absl::string_view spec) {
                                       info->max_bits, "] for ", info->name, ", got '", value, "'"));
       }
       out.bits = bits;
+    } else if (key == "levels") {
+      int levels = 0;
+      if (!absl::SimpleAtoi(value, &levels) ||
+          (levels != 3 && levels != 5 && levels != 7 && levels != 9)) {
+        return SpecError(
+            target, spec,
+            absl::StrCat("levels must be 3, 5, 7 or 9 for ", info->name, ", got '", value, "'"));
+      }
+      out.pow2_levels = levels;
+      out.bits = Pow2WeightQuantizer::StorageBits(levels);
     } else {
       float v = 0.0f;
       if (!absl::SimpleAtof(value, &v) || !std::isfinite(v)) {
@@ -138,6 +151,9 @@ absl::StatusOr<QuantSpec> Parse(Target target, absl::string_view spec) {
         out.qil_gamma = v;
       }
     }
+  }
+  if (out.method == Method::kPow2 && out.pow2_levels == 0) {
+    return SpecError(target, spec, "pow2 needs levels=L (L in 3, 5, 7, 9)");
   }
   if (out.bits == 0) {
     return SpecError(target, spec,
@@ -165,6 +181,8 @@ const char* MethodName(Method method) {
       return "binary";
     case Method::kTernary:
       return "ternary";
+    case Method::kPow2:
+      return "pow2";
   }
   return "unknown";
 }
@@ -177,6 +195,8 @@ std::string QuantSpec::ToString() const {
       return "binary";
     case Method::kTernary:
       return "ternary";
+    case Method::kPow2:
+      return absl::StrCat("pow2:levels=", pow2_levels);
     case Method::kPact:
       return absl::StrCat("pact:bits=", bits, ",alpha=", pact_alpha, ",l2=", pact_l2);
     case Method::kQil:
@@ -249,6 +269,13 @@ absl::StatusOr<std::unique_ptr<WeightQuantizer>> MakeWeightQuantizer(const Quant
       return std::unique_ptr<WeightQuantizer>(new BinaryWeightQuantizer());
     case Method::kTernary:
       return std::unique_ptr<WeightQuantizer>(new TernaryWeightQuantizer());
+    case Method::kPow2:
+      if (spec.pow2_levels != 3 && spec.pow2_levels != 5 && spec.pow2_levels != 7 &&
+          spec.pow2_levels != 9) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("pow2 weights need levels 3, 5, 7 or 9, got ", spec.pow2_levels));
+      }
+      return std::unique_ptr<WeightQuantizer>(new Pow2WeightQuantizer(spec.pow2_levels));
     case Method::kPact:
       break;
   }
@@ -281,6 +308,7 @@ absl::StatusOr<std::unique_ptr<ActivationQuantizer>> MakeActivationQuantizer(
     case Method::kSawb:
     case Method::kBinary:
     case Method::kTernary:
+    case Method::kPow2:
       return absl::InvalidArgumentError(
           absl::StrCat("'", MethodName(spec.method), "' does not quantize activations"));
   }

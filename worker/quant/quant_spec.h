@@ -1,7 +1,8 @@
 // Quantizer specs: parsing of the flag strings and the factories that build quantizers.
 //
 //   --wq: "none" | "fp32" | "dorefa:bits=K" | "sawb:bits=K" | "qil:bits=K[,gamma=G]" |
-//         "binary" | "ternary"                       (K in 1..8; qil weights K in 2..8)
+//         "binary" | "ternary" | "pow2:levels=L"     (K in 1..8; qil weights K in 2..8; L in
+//                                                    3, 5, 7, 9: alpha*{0, +-2^0..+-2^b}, pow2.h)
 //   --aq: "none" | "fp32" | "dorefa:bits=K" | "pact:bits=K[,alpha=A][,l2=L]" | "qil:bits=K"
 //   --quant: "none" | "dorefa:w=K,a=K" | "qil:w=K,a=K"   (one method for weights and activations)
 //
@@ -28,17 +29,19 @@ enum class Method {
   kSawb = 3,
   kQil = 4,
   kBinary = 5,
-  kTernary = 6
+  kTernary = 6,
+  kPow2 = 7
 };
 
 const char* MethodName(Method method);
 
 struct QuantSpec {
   Method method = Method::kNone;
-  int bits = 32;             // 32 for kNone; 1 for binary, 2 for ternary
+  int bits = 32;             // 32 for kNone; 1 for binary, 2 for ternary; pow2: index bits
   float pact_alpha = 10.0f;  // PACT initial alpha
   float pact_l2 = 0.0f;      // PACT L2 penalty on alpha
   float qil_gamma = 1.0f;    // QIL weight exponent initial value
+  int pow2_levels = 0;       // kPow2: 3, 5, 7 or 9
 
   // Canonical spec string, parseable back: "pact:bits=2,alpha=10,l2=0".
   std::string ToString() const;
@@ -58,7 +61,7 @@ absl::StatusOr<LayerQuantSpecs> ParseQuantSpec(absl::string_view spec);
 absl::StatusOr<std::unique_ptr<WeightQuantizer>> MakeWeightQuantizer(const QuantSpec& spec);
 
 // An activation quantizer layer named `name`; nullptr (ok) for kNone. INVALID_ARGUMENT for a
-// weight-only method (sawb, binary, ternary) or bits out of range.
+// weight-only method (sawb, binary, ternary, pow2) or bits out of range.
 absl::StatusOr<std::unique_ptr<ActivationQuantizer>> MakeActivationQuantizer(std::string name,
                                                                              const QuantSpec& spec);
 

@@ -1,6 +1,9 @@
 #include "worker/quant/ldnq/hessian.h"
 
+#include <cmath>
+
 #include "common/logging.h"
+#include "common/status_macros.h"
 #include "worker/kernels/cpu/sgemm.h"
 
 namespace qtrain::quant::ldnq {
@@ -75,6 +78,19 @@ std::vector<double> HessianAccumulator::Mean() const {
   const double inv = 1.0 / static_cast<double>(samples_);
   for (size_t i = 0; i < h.size(); ++i) h[i] = sum_[i] * inv;
   return h;
+}
+
+absl::Status AllReduceHessian(comm::Communicator& comm, HessianAccumulator* acc) {
+  // The whole matrix, not a triangle: SGEMM's x^T x need not be bitwise symmetric, and the sum
+  // must be what one process would have accumulated.
+  std::vector<double>& sum = acc->sum();
+  sum.push_back(static_cast<double>(acc->samples()));
+  const absl::Status status = comm.AllReduceSum(sum);
+  const double samples = sum.back();
+  sum.pop_back();
+  RETURN_IF_ERROR(status);
+  acc->set_samples(std::llround(samples));
+  return absl::OkStatus();
 }
 
 }  // namespace qtrain::quant::ldnq

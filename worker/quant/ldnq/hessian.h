@@ -6,9 +6,9 @@
 // y, so H is (D + 1) x (D + 1) with H[D][D] = 1 and H[D][0..D) the mean input.
 //
 // The accumulator keeps the SUM of y y^T (double) and the sample count, so sums from several
-// shards (ranks) can be added before Mean() divides. Each Add* call forms y y^T of its batch in
-// float with SGEMM (float error ~ samples-per-batch * 2^-24 relative) and adds it into the double
-// sum.
+// shards (ranks) can be added before Mean() divides: AllReduceHessian does that under mpirun. Each
+// Add* call forms y y^T of its batch in float with SGEMM (float error ~ samples-per-batch * 2^-24
+// relative) and adds it into the double sum.
 //
 // Thread-safety: one thread at a time (SGEMM uses ctx's pool). Memory: D^2 doubles + D^2 floats.
 // Cost: 2 * samples * D^2 flops, plus an im2col pass per convolution image.
@@ -18,6 +18,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "absl/status/status.h"
+#include "worker/comm/communicator.h"
 #include "worker/kernels/cpu/conv.h"
 #include "worker/kernels/cpu/cpu_context.h"
 #include "worker/nn/tensor.h"
@@ -57,6 +59,13 @@ class HessianAccumulator {
   std::vector<float> gram_;  // scratch, D x D
   std::vector<float> col_;   // scratch, im2col of one image
 };
+
+// Replaces acc's sums and sample count by their totals over every rank of `comm` (each rank
+// having accumulated its own samples), so that Mean() is the mean over the union of the ranks'
+// samples, with the same bits on every rank. It equals one accumulator fed every sample up to
+// the order of the double additions. Collective: every rank calls it with the same dim().
+// Cost: one AllReduceSum of dim()^2 + 1 doubles.
+absl::Status AllReduceHessian(comm::Communicator& comm, HessianAccumulator* acc);
 
 }  // namespace qtrain::quant::ldnq
 

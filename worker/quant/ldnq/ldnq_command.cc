@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <functional>
@@ -128,66 +129,109 @@ std::string SettingsQuant(const std::string& settings) {
 }
 
 struct Calibration {
-  std::vector<nn::Tensor> images;            // batches
+  std::vector<nn::Tensor> images;            // batches (every rank holds all of them)
   std::vector<std::vector<int32_t>> labels;  // per batch
   std::vector<nn::Tensor> reference;         // FP logits per batch
   int64_t count = 0;
 };
 
-double RelativeOutputError(nn::Sequential& model, nn::RunContext& ctx, const Calibration& calib) {
+// The ranks of a distributed calibration and how the work is split among them (one process when
+// comm is null or has one rank): batch b belongs to rank b % size. Sums go through AllReduceSum
+// (double), which leaves the same bits on every rank, so every decision taken from them is the
+// same everywhere.
+class Ranks {
+ public:
+  explicit Ranks(comm::Communicator* comm) : comm_(comm) {}
+  int rank() const { return comm_ != nullptr ? comm_->rank() : 0; }
+  int size() const { return comm_ != nullptr ? comm_->world_size() : 1; }
+  bool distributed() const { return size() > 1; }
+  bool Owns(size_t batch) const { return static_cast<int>(batch % size()) == rank(); }
+  absl::Status Sum(std::span<double> values) const {
+    return distributed() ? comm_->AllReduceSum(values) : absl::OkStatus();
+  }
+  comm::Communicator* comm() const { return comm_; }
+
+ private:
+  comm::Communicator* comm_;
+};
+
+absl::StatusOr<double> RelativeOutputError(nn::Sequential& model, nn::RunContext& ctx,
+                                           const Calibration& calib, const Ranks& ranks) {
   ctx.mode = nn::Mode::kEval;
-  double num = 0.0, den = 0.0;
+  double sums[2] = {0.0, 0.0};  // squared error, squared reference
   nn::Tensor logits;
   for (size_t b = 0; b < calib.images.size(); ++b) {
+    if (!ranks.Owns(b)) continue;
     model.Forward(ctx, calib.images[b], &logits);
     const nn::Tensor& ref = calib.reference[b];
     for (int64_t i = 0; i < ref.size(); ++i) {
       const double d = static_cast<double>(logits[i]) - ref[i];
-      num += d * d;
-      den += static_cast<double>(ref[i]) * ref[i];
+      sums[0] += d * d;
+      sums[1] += static_cast<double>(ref[i]) * ref[i];
     }
   }
-  return den > 0.0 ? num / den : num;
+  RETURN_IF_ERROR(ranks.Sum(sums));
+  return sums[1] > 0.0 ? sums[0] / sums[1] : sums[0];
 }
 
-// Exact average of every BN layer's batch statistics over the calibration batches (train-mode
-// passes; each pass's batch statistic is recovered from the running-average update).
-void RefreshBatchNorm(nn::Sequential& model, nn::RunContext& ctx, const Calibration& calib,
-                      const std::vector<nn::BatchNorm2d*>& bns) {
-  if (bns.empty()) return;
-  std::vector<nn::Tensor> before(bns.size() * 2);
+// Every BN layer's running statistics become the average of its batch statistics over the
+// calibration batches (train-mode passes; each pass's batch statistic is recovered from the
+// running-average update and the running value restored), summed over the ranks' batches.
+absl::Status RefreshBatchNorm(nn::Sequential& model, nn::RunContext& ctx, const Calibration& calib,
+                              const std::vector<nn::BatchNorm2d*>& bns, const Ranks& ranks) {
+  if (bns.empty()) return absl::OkStatus();
+  std::vector<nn::Tensor*> stats;  // mean, var of each layer
+  std::vector<nn::Tensor> before;
+  std::vector<float> momentum;
+  for (nn::BatchNorm2d* bn : bns) {
+    for (nn::Tensor* t : {&bn->running_mean().value, &bn->running_var().value}) {
+      stats.push_back(t);
+      before.push_back(*t);
+      momentum.push_back(bn->options().momentum);
+    }
+  }
+  std::vector<size_t> offset(stats.size() + 1, 0);
+  for (size_t i = 0; i < stats.size(); ++i) offset[i + 1] = offset[i] + stats[i]->size();
+  std::vector<double> sums(offset.back() + 1, 0.0);  // the last: batches seen
   nn::Tensor y;
   ctx.mode = nn::Mode::kTrain;
   for (size_t b = 0; b < calib.images.size(); ++b) {
-    for (size_t i = 0; i < bns.size(); ++i) {
-      before[2 * i] = bns[i]->running_mean().value;
-      before[2 * i + 1] = bns[i]->running_var().value;
-    }
+    if (!ranks.Owns(b)) continue;
     model.Forward(ctx, calib.images[b], &y);
-    for (size_t i = 0; i < bns.size(); ++i) {
-      const float m = bns[i]->options().momentum;
-      nn::Tensor* now[2] = {&bns[i]->running_mean().value, &bns[i]->running_var().value};
-      for (int s = 0; s < 2; ++s) {
-        const nn::Tensor& old = before[2 * i + static_cast<size_t>(s)];
-        nn::Tensor& cur = *now[s];
-        for (int64_t c = 0; c < cur.size(); ++c) {
-          const double batch = m > 0.0f ? (cur[c] - (1.0 - m) * old[c]) / m : old[c];
-          // Running average: the first batch's statistic, then the mean of all so far.
-          cur[c] = b == 0 ? static_cast<float>(batch)
-                          : static_cast<float>(old[c] + (batch - old[c]) / (b + 1.0));
-        }
+    for (size_t i = 0; i < stats.size(); ++i) {
+      const float m = momentum[i];
+      const nn::Tensor& old = before[i];
+      nn::Tensor& cur = *stats[i];
+      for (int64_t c = 0; c < cur.size(); ++c) {
+        sums[offset[i] + c] += m > 0.0f ? (cur[c] - (1.0 - m) * old[c]) / m : old[c];
       }
+      cur = old;
     }
+    sums.back() += 1.0;
   }
   ctx.mode = nn::Mode::kEval;
+  RETURN_IF_ERROR(ranks.Sum(sums));
+  if (!(sums.back() > 0.0)) return absl::OkStatus();
+  for (size_t i = 0; i < stats.size(); ++i) {
+    for (int64_t c = 0; c < stats[i]->size(); ++c) {
+      (*stats[i])[c] = static_cast<float>(sums[offset[i] + c] / sums.back());
+    }
+  }
+  return absl::OkStatus();
 }
 
 // SGD over `params` for `epochs` passes over the calibration batches; the loss is the MSE to the
 // reference logits (labels == false) or softmax cross-entropy (labels == true). Eval-mode BN.
+// Distributed, each step's gradient is computed by the rank that owns its batch and broadcast
+// (exact), so every rank takes the steps one process would take, bit for bit. (Splitting each
+// batch over the ranks and summing the gradients would run in parallel, but its float sums differ
+// in the last bits from one process's, and ADMM's discrete projection of the next layer turned
+// such differences into alphas 2% apart on the synthetic test of ldnq_mpi_test.sh.)
 absl::Status Train(nn::Sequential& model, nn::RunContext& ctx, const Calibration& calib,
                    std::vector<nn::Parameter*> params, int epochs, double lr, bool labels,
-                   uint64_t seed) {
+                   uint64_t seed, const Ranks& ranks) {
   if (params.empty() || epochs <= 0) return absl::OkStatus();
+  const std::vector<nn::Parameter*> trained = params;
   train::SgdOptions sgd_options;
   sgd_options.momentum = 0.9f;
   sgd_options.weight_decay = 0.0f;
@@ -196,38 +240,62 @@ absl::Status Train(nn::Sequential& model, nn::RunContext& ctx, const Calibration
   std::iota(order.begin(), order.end(), size_t{0});
   std::mt19937_64 rng(seed);
   nn::Tensor logits, dlogits;
+  std::vector<float> grads;
+  if (ranks.distributed()) {
+    size_t n = 0;
+    for (const nn::Parameter* p : trained) n += static_cast<size_t>(p->grad.size());
+    grads.resize(n);
+  }
   ctx.mode = nn::Mode::kEval;
   for (int e = 0; e < epochs; ++e) {
     std::shuffle(order.begin(), order.end(), rng);
     for (size_t b : order) {
-      model.Forward(ctx, calib.images[b], &logits);
-      if (labels) {
-        absl::StatusOr<kernels::SoftmaxXentResult> r =
-            nn::SoftmaxCrossEntropyLoss(ctx, logits, calib.labels[b], &dlogits);
-        if (!r.ok()) return r.status();
-      } else {
-        const nn::Tensor& ref = calib.reference[b];
-        dlogits.Resize(logits.shape());
-        // Loss 1/2 * mean over images of |logits - reference|^2.
-        const float scale = 1.0f / static_cast<float>(logits.dim(0));
-        for (int64_t i = 0; i < logits.size(); ++i) dlogits[i] = scale * (logits[i] - ref[i]);
+      if (ranks.Owns(b)) {
+        model.Forward(ctx, calib.images[b], &logits);
+        if (labels) {
+          absl::StatusOr<kernels::SoftmaxXentResult> r =
+              nn::SoftmaxCrossEntropyLoss(ctx, logits, calib.labels[b], &dlogits);
+          if (!r.ok()) return r.status();
+        } else {
+          const nn::Tensor& ref = calib.reference[b];
+          dlogits.Resize(logits.shape());
+          // Loss 1/2 * mean over images of |logits - reference|^2.
+          const float scale = 1.0f / static_cast<float>(logits.dim(0));
+          for (int64_t i = 0; i < logits.size(); ++i) dlogits[i] = scale * (logits[i] - ref[i]);
+        }
+        model.Backward(ctx, dlogits, nullptr);
       }
-      model.Backward(ctx, dlogits, nullptr);
+      if (ranks.distributed()) {
+        size_t k = 0;
+        for (const nn::Parameter* p : trained) {
+          std::copy_n(p->grad.data(), p->grad.size(), grads.data() + k);
+          k += static_cast<size_t>(p->grad.size());
+        }
+        RETURN_IF_ERROR(ranks.comm()->Broadcast(grads, static_cast<int>(b % ranks.size())));
+        k = 0;
+        for (nn::Parameter* p : trained) {
+          std::copy_n(grads.data() + k, p->grad.size(), p->grad.data());
+          k += static_cast<size_t>(p->grad.size());
+        }
+      }
       sgd.Step(ctx.cpu, static_cast<float>(lr));
     }
   }
   return absl::OkStatus();
 }
 
+// Test accuracy; distributed, each rank evaluates a contiguous share of the split.
 absl::StatusOr<double> TestAccuracy(nn::Sequential& model, nn::RunContext& ctx,
-                                    const data::Dataset& test, int64_t batch) {
+                                    const data::Dataset& test, int64_t batch, const Ranks& ranks) {
   ctx.mode = nn::Mode::kEval;
-  int64_t correct = 0;
+  double correct = 0;
   nn::Tensor x, logits;
   std::vector<int32_t> labels;
   std::vector<int64_t> idx;
-  for (int64_t b = 0; b < test.size(); b += batch) {
-    const int64_t m = std::min(batch, test.size() - b);
+  const int64_t begin = test.size() * ranks.rank() / ranks.size();
+  const int64_t end = test.size() * (ranks.rank() + 1) / ranks.size();
+  for (int64_t b = begin; b < end; b += batch) {
+    const int64_t m = std::min(batch, end - b);
     idx.resize(static_cast<size_t>(m));
     std::iota(idx.begin(), idx.end(), b);
     x.Resize({m, test.channels, test.height, test.width});
@@ -240,7 +308,27 @@ absl::StatusOr<double> TestAccuracy(nn::Sequential& model, nn::RunContext& ctx,
       correct += (std::max_element(row, row + classes) - row) == labels[static_cast<size_t>(i)];
     }
   }
-  return test.size() > 0 ? static_cast<double>(correct) / test.size() : 0.0;
+  RETURN_IF_ERROR(ranks.Sum(std::span<double>(&correct, 1)));
+  return test.size() > 0 ? correct / static_cast<double>(test.size()) : 0.0;
+}
+
+// FNV-1a over the bits of every parameter and buffer: ranks that computed the same model agree.
+uint64_t HashState(const std::vector<nn::Parameter*>& params,
+                   const std::vector<nn::Buffer*>& buffers) {
+  uint64_t h = 1469598103934665603ULL;
+  auto add = [&](const nn::Tensor& t) {
+    for (int64_t i = 0; i < t.size(); ++i) {
+      uint32_t bits;
+      std::memcpy(&bits, t.data() + i, 4);
+      for (int k = 0; k < 4; ++k) {
+        h ^= (bits >> (8 * k)) & 0xFF;
+        h *= 1099511628211ULL;
+      }
+    }
+  };
+  for (const nn::Parameter* p : params) add(p->value);
+  for (const nn::Buffer* b : buffers) add(b->value);
+  return h;
 }
 
 void AppendMetrics(const std::string& path, const std::string& line) {
@@ -302,8 +390,12 @@ absl::Status ValidateLdnqOptions(const LdnqCommandOptions& o) {
   return absl::OkStatus();
 }
 
-absl::StatusOr<LdnqReport> RunLdnq(const LdnqCommandOptions& options) {
+absl::StatusOr<LdnqReport> RunLdnq(const LdnqCommandOptions& options, comm::Communicator* comm) {
   RETURN_IF_ERROR(ValidateLdnqOptions(options));
+  const Ranks ranks(comm);
+  // Rank 0 speaks for the job: progress, metrics and the checkpoint.
+  const bool print = options.print && ranks.rank() == 0;
+  const std::string metrics_path = ranks.rank() == 0 ? options.metrics_path : "";
   Timer total;
   ASSIGN_OR_RETURN(LevelSet levels, LevelSet::FromCount(options.levels));
   ASSIGN_OR_RETURN(data::DataSpec spec, data::ParseDataSpec(options.source.data));
@@ -394,13 +486,19 @@ absl::StatusOr<LdnqReport> RunLdnq(const LdnqCommandOptions& options) {
   LdnqReport report;
   report.calib_images = calib.count;
   if (options.evaluate_test && splits.test.size() > 0) {
-    ASSIGN_OR_RETURN(report.fp_test_accuracy, TestAccuracy(*model, ctx, splits.test, 256));
+    ASSIGN_OR_RETURN(report.fp_test_accuracy, TestAccuracy(*model, ctx, splits.test, 256, ranks));
   }
   const std::string method = LdnqMethodName(options.method);
-  if (options.print) {
+  if (print) {
     std::printf("ldnq: %s %s, %zu weight layers, method %s, %d levels, %lld calibration images\n",
                 options.source.model.c_str(), ckpt_path.c_str(), layers.size(), method.c_str(),
                 options.levels, static_cast<long long>(calib.count));
+    if (ranks.distributed()) {
+      std::printf(
+          "ldnq: %d ranks: calibration batch b on rank b %% %d; Hessian, BN and error sums "
+          "allreduced, update gradients broadcast by their batch's rank\n",
+          ranks.size(), ranks.size());
+    }
     if (options.evaluate_test) {
       std::printf("ldnq: full-precision test accuracy %.2f%%\n", 100 * report.fp_test_accuracy);
     }
@@ -425,9 +523,9 @@ absl::StatusOr<LdnqReport> RunLdnq(const LdnqCommandOptions& options) {
     const bool keep =
         options.first_last == FirstLastPolicy::kKeepFirstLastFp && (wl.role.first || wl.role.last);
     if (keep) {
-      lr.output_error = RelativeOutputError(*model, ctx, calib);
+      ASSIGN_OR_RETURN(lr.output_error, RelativeOutputError(*model, ctx, calib, ranks));
       report.layers.push_back(lr);
-      if (options.print) std::printf("ldnq: [%zu] %s kept full precision\n", l, lr.name.c_str());
+      if (print) std::printf("ldnq: [%zu] %s kept full precision\n", l, lr.name.c_str());
       continue;
     }
     // 1. The Hessian of the cascade input.
@@ -453,9 +551,12 @@ absl::StatusOr<LdnqReport> RunLdnq(const LdnqCommandOptions& options) {
     {
       nn::Tensor logits;
       ctx.mode = nn::Mode::kEval;
-      for (const nn::Tensor& x : calib.images) model->Forward(ctx, x, &logits);
+      for (size_t b = 0; b < calib.images.size(); ++b) {
+        if (ranks.Owns(b)) model->Forward(ctx, calib.images[b], &logits);
+      }
     }
     wl.tap() = nullptr;
+    if (ranks.distributed()) RETURN_IF_ERROR(AllReduceHessian(*ranks.comm(), &acc));
     LayerProblem problem;
     const int64_t d = acc.dim(), k = wl.outputs(), in = wl.input_dim();
     problem.layout = MatrixLayout{.rows = k, .cols = d, .quantized_cols = in};
@@ -487,9 +588,9 @@ absl::StatusOr<LdnqReport> RunLdnq(const LdnqCommandOptions& options) {
     lr.dq_error = result.dq_error / ref;
     lr.error = result.error / ref;
     // 3. BN statistics from the cascade.
-    if (options.refresh_bn) RefreshBatchNorm(*model, ctx, calib, bns);
+    if (options.refresh_bn) RETURN_IF_ERROR(RefreshBatchNorm(*model, ctx, calib, bns, ranks));
     // 4. Weights update of the layers above.
-    lr.output_error = RelativeOutputError(*model, ctx, calib);
+    ASSIGN_OR_RETURN(lr.output_error, RelativeOutputError(*model, ctx, calib, ranks));
     if (options.method == LdnqMethod::kLdnq && options.update_epochs > 0 &&
         params_end[l] < params.size()) {
       std::vector<nn::Parameter*> above(params.begin() + static_cast<std::ptrdiff_t>(params_end[l]),
@@ -497,8 +598,8 @@ absl::StatusOr<LdnqReport> RunLdnq(const LdnqCommandOptions& options) {
       std::vector<nn::Tensor> saved;
       for (nn::Parameter* p : above) saved.push_back(p->value);
       RETURN_IF_ERROR(Train(*model, ctx, calib, above, options.update_epochs, options.update_lr,
-                            /*labels=*/false, options.seed + l));
-      const double updated = RelativeOutputError(*model, ctx, calib);
+                            /*labels=*/false, options.seed + l, ranks));
+      ASSIGN_OR_RETURN(const double updated, RelativeOutputError(*model, ctx, calib, ranks));
       if (updated < lr.output_error) {
         lr.output_error = updated;
       } else {
@@ -508,7 +609,7 @@ absl::StatusOr<LdnqReport> RunLdnq(const LdnqCommandOptions& options) {
       }
     }
     lr.seconds = layer_timer.Seconds();
-    if (options.print) {
+    if (print) {
       std::printf(
           "ldnq: [%zu] %-18s H %lldx%lld (%lld samples)  %3d iters  rho %.3g  alpha %.4g  layer "
           "error %.4f -> %.4f  output error %.4f%s  %.2fs\n",
@@ -517,7 +618,7 @@ absl::StatusOr<LdnqReport> RunLdnq(const LdnqCommandOptions& options) {
           lr.error, lr.output_error, lr.update_reverted ? " (update reverted)" : "", lr.seconds);
       std::fflush(stdout);
     }
-    AppendMetrics(options.metrics_path,
+    AppendMetrics(metrics_path,
                   absl::StrFormat("{\"ldnq_layer\":\"%s\",\"index\":%d,\"method\":\"%s\","
                                   "\"levels\":%d,\"hessian_dim\":%d,\"samples\":%d,"
                                   "\"iterations\":%d,\"rho\":%.6g,\"alpha\":%.8g,"
@@ -539,13 +640,13 @@ absl::StatusOr<LdnqReport> RunLdnq(const LdnqCommandOptions& options) {
       if (std::find(frozen.begin(), frozen.end(), p) == frozen.end()) free_params.push_back(p);
     }
     RETURN_IF_ERROR(Train(*model, ctx, calib, std::move(free_params), options.retrain_epochs,
-                          options.retrain_lr, /*labels=*/true, options.seed + 1000003));
+                          options.retrain_lr, /*labels=*/true, options.seed + 1000003, ranks));
     report.retrain_seconds = t.Seconds();
   }
-  report.final_output_error = RelativeOutputError(*model, ctx, calib);
+  ASSIGN_OR_RETURN(report.final_output_error, RelativeOutputError(*model, ctx, calib, ranks));
   if (options.evaluate_test && splits.test.size() > 0) {
     report.has_test = true;
-    ASSIGN_OR_RETURN(report.test_accuracy, TestAccuracy(*model, ctx, splits.test, 256));
+    ASSIGN_OR_RETURN(report.test_accuracy, TestAccuracy(*model, ctx, splits.test, 256, ranks));
   }
 
   // The checkpoint.
@@ -559,20 +660,36 @@ absl::StatusOr<LdnqReport> RunLdnq(const LdnqCommandOptions& options) {
       ",levels=", options.levels, ",calib=", calib.count,
       ",first_last=", options.first_last == FirstLastPolicy::kQuantizeAll ? "quantize" : "fp",
       ",retrain_epochs=", options.retrain_epochs, " from=", options.checkpoint_dir));
-  train::CaptureState(params, buffers, nullptr, &out);
-  std::error_code ec;
-  std::filesystem::create_directories(options.out_dir, ec);
-  if (ec) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("cannot create --out directory ", options.out_dir, ": ", ec.message()));
+  // Every rank took the same decisions from the same sums, so all hold the same model.
+  report.ranks = ranks.size();
+  report.weights_hash = HashState(params, buffers);
+  if (ranks.distributed()) {
+    ASSIGN_OR_RETURN(std::vector<uint64_t> hashes, ranks.comm()->AllGatherU64(report.weights_hash));
+    for (size_t r = 1; r < hashes.size(); ++r) {
+      if (hashes[r] != hashes[0]) {
+        return absl::InternalError(
+            absl::StrFormat("ldnq: the ranks' quantized models differ: rank 0 has weights hash "
+                            "%016x, rank %d %016x",
+                            hashes[0], r, hashes[r]));
+      }
+    }
   }
   const std::string out_path =
       (std::filesystem::path(options.out_dir) / kCheckpointFileName).string();
-  RETURN_IF_ERROR(train::WriteCheckpointFile(out_path, out));
+  if (ranks.rank() == 0) {
+    train::CaptureState(params, buffers, nullptr, &out);
+    std::error_code ec;
+    std::filesystem::create_directories(options.out_dir, ec);
+    if (ec) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("cannot create --out directory ", options.out_dir, ": ", ec.message()));
+    }
+    RETURN_IF_ERROR(train::WriteCheckpointFile(out_path, out));
+  }
   report.seconds = total.Seconds();
 
   AppendMetrics(
-      options.metrics_path,
+      metrics_path,
       absl::StrFormat("{\"ldnq_summary\":\"%s\",\"method\":\"%s\",\"levels\":%d,"
                       "\"calib_images\":%d,\"final_output_error\":%.6g,"
                       "\"quantize_seconds\":%.3f,\"retrain_seconds\":%.3f,"
@@ -581,7 +698,11 @@ absl::StatusOr<LdnqReport> RunLdnq(const LdnqCommandOptions& options) {
                       options.source.model, method, options.levels, calib.count,
                       report.final_output_error, report.quantize_seconds, report.retrain_seconds,
                       report.seconds, report.fp_test_accuracy, report.test_accuracy, out_path));
-  if (options.print) {
+  if (print) {
+    if (ranks.distributed()) {
+      std::printf("ldnq: weights hash %016llx identical on all %d ranks\n",
+                  static_cast<unsigned long long>(report.weights_hash), ranks.size());
+    }
     std::printf(
         "ldnq: done: final output error %.4f; quantization %.1fs, retrain %.1fs, total %.1fs; "
         "wrote %s\n",
@@ -592,15 +713,20 @@ absl::StatusOr<LdnqReport> RunLdnq(const LdnqCommandOptions& options) {
                   100 * report.test_accuracy, 100 * report.fp_test_accuracy,
                   100 * (report.test_accuracy - report.fp_test_accuracy));
     }
+    std::printf(
+        "ldnq: to pack it: qtrain export --checkpoint_dir=%s --wq=pow2:levels=%d "
+        "--fp_first_last=%s (with this run's model and data flags)\n",
+        options.out_dir.c_str(), options.levels,
+        options.first_last == FirstLastPolicy::kQuantizeAll ? "false" : "true");
     std::fflush(stdout);
   }
   return report;
 }
 
-absl::Status RunLdnqCommand(const LdnqCommandOptions& options) {
+absl::Status RunLdnqCommand(const LdnqCommandOptions& options, comm::Communicator* comm) {
   LdnqCommandOptions o = options;
   o.print = true;
-  return RunLdnq(o).status();
+  return RunLdnq(o, comm).status();
 }
 
 }  // namespace qtrain::quant::ldnq

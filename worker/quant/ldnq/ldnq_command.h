@@ -29,7 +29,9 @@
 // The result is a training checkpoint (same format, same parameter names) written to
 // <out_dir>/checkpoint.qtrn whose quantized weights already lie on their layer's levels, so
 // `qtrain eval --checkpoint_dir=<out_dir>` with the model flags runs it; its settings line records
-// "ldnq=..." and no "quant=", so eval accepts it with or without weight-quantizer flags.
+// "ldnq=...,levels=L,...,first_last=..." and no "quant=". `qtrain export` / `eval --packed` run it
+// on the packed low-bit path with --wq=pow2:levels=L --fp_first_last=false (pow2.h reproduces the
+// weights bit for bit; export_command.h checks the flags against the settings).
 //
 // Thread-safety: each call owns everything it uses. Cost: per weight layer one forward pass over
 // the calibration set (Hessian), one BN refresh pass, the ADMM solve, and for ldnq
@@ -44,6 +46,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "worker/comm/communicator.h"
 #include "worker/quant/export_command.h"
 #include "worker/quant/ldnq/admm.h"
 
@@ -110,14 +113,33 @@ struct LdnqReport {
   bool has_test = false;
   double fp_test_accuracy = 0.0;
   double test_accuracy = 0.0;
+  int ranks = 1;
+  uint64_t weights_hash = 0;  // FNV-1a of every parameter and buffer (the same on every rank)
 };
 
 absl::Status ValidateLdnqOptions(const LdnqCommandOptions& options);
 // The whole run without printing (unless options.print). Errors: INVALID_ARGUMENT for bad options,
 // NOT_FOUND / DATA_LOSS / FAILED_PRECONDITION from the checkpoint as in `qtrain eval`.
-absl::StatusOr<LdnqReport> RunLdnq(const LdnqCommandOptions& options);
-// RunLdnq with printing.
-absl::Status RunLdnqCommand(const LdnqCommandOptions& options);
+//
+// Distributed calibration: with `comm` of W > 1 ranks (under mpirun), every rank calls RunLdnq
+// with the same options (collective, like every Communicator call). All ranks load the data and
+// draw the same calibration set; its batch b belongs to rank b % W, which alone runs it through
+// the Hessian, BN-refresh and output-error passes. Hessian sums and sample counts
+// (AllReduceHessian), BN statistic sums, error sums and test-accuracy counts (each rank a
+// contiguous share of the test split) are allreduced (AllReduceSum, double), so every rank solves
+// the same ADMM problems and takes the same decisions. The weights update and the retrain are
+// sequential SGD: each step's gradient comes from the batch's rank by an exact Broadcast, so
+// every rank takes one process's steps (and only the forward-heavy passes run in parallel). The
+// result is the one-process result on the same data up to the order of the double additions of
+// the sums (in practice the same bits: the per-batch float sums add exactly in double). Each rank
+// also computes the FP reference logits of every calibration image (one forward pass). At the end
+// the ranks compare a hash of their models (INTERNAL if they differ); rank 0 alone prints, appends
+// the metrics and writes the checkpoint. Errors of a collective come back as its Status
+// (DEADLINE_EXCEEDED when a peer is gone): end the job. comm null or of one rank: one process.
+absl::StatusOr<LdnqReport> RunLdnq(const LdnqCommandOptions& options,
+                                   comm::Communicator* comm = nullptr);
+// RunLdnq with printing (rank 0 only).
+absl::Status RunLdnqCommand(const LdnqCommandOptions& options, comm::Communicator* comm = nullptr);
 
 }  // namespace qtrain::quant::ldnq
 

@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "common/framed_file.h"
 #include "common/testing/status_matchers.h"
 #include "gmock/gmock.h"
@@ -189,6 +190,11 @@ std::vector<Case> Cases() {
       {"w1a1", "none", "binary", "pact:bits=1,alpha=1"},
       {"w2a2", "none", "ternary", "dorefa:bits=2"},
       {"w1a2", "none", "sawb:bits=1", "qil:bits=2"},
+      // Power-of-two weights: FP32 path (full-precision activations, as L-DNQ results), popcount
+      // GEMM (3 levels as 2-bit integers, 2-bit activations), integer GEMM (9 levels as 5-bit).
+      {"pow2_3", "none", "pow2:levels=3", "none"},
+      {"pow2_3_a2", "none", "pow2:levels=3", "pact:bits=2,alpha=3"},
+      {"pow2_9_a4", "none", "pow2:levels=9", "dorefa:bits=4"},
   };
   std::vector<Case> cases;
   for (const std::string model : {"cnn", "mlp", "resnet20"}) {
@@ -201,6 +207,8 @@ std::vector<Case> Cases() {
                            "cnn_all_quantized"));
   cases.back().fp_first_last = false;
   cases.push_back(MakeCase("mlp", "dorefa:w=2,a=2", "none", "none", "mlp_all_quantized"));
+  cases.back().fp_first_last = false;
+  cases.push_back(MakeCase("cnn", "none", "pow2:levels=5", "none", "cnn_pow2_all_quantized"));
   cases.back().fp_first_last = false;
   // Quantized shortcuts, with projections (quantized 1x1 shortcut convolutions).
   cases.push_back(MakeCase("resnet20", "none", "sawb:bits=2", "pact:bits=2,alpha=3",
@@ -257,6 +265,48 @@ TEST(ExportSizeTest, TwoBitCnnIsAtMostATwelfthOfFp32) {
     EXPECT_EQ(stats.fp32_bytes, 4 * nn::CountParameters(**model));
     EXPECT_LE(stats.file_bytes * 12, stats.fp32_bytes)
         << config->ToString() << ": " << stats.file_bytes << " bytes vs " << stats.fp32_bytes;
+  }
+}
+
+// Power-of-two weights go through the low-bit kernels as small integers where their input is a
+// quantized activation, and their codes are stored at ceil(log2(levels)) bits.
+TEST(ExportPow2Test, RunsOnTheLowbitKernelsAsIntegers) {
+  kernels::CpuContext cpu;
+  struct Want {
+    std::string wq, aq, describe;
+    int stored_bits;
+  };
+  for (const Want& want : {Want{"pow2:levels=3", "pact:bits=2", "lowbit W2A2 popcount", 2},
+                           Want{"pow2:levels=5", "pact:bits=4", "lowbit W3A4 integer", 3},
+                           Want{"pow2:levels=7", "dorefa:bits=2", "lowbit W4A2 integer", 3},
+                           Want{"pow2:levels=9", "dorefa:bits=4", "lowbit W5A4 integer", 4}}) {
+    Trained t = Train(MakeCase("cnn", "none", want.wq, want.aq), {1, 8, 8}, 5, cpu);
+    const std::string path = TempPath("pow2.qpack");
+    ExportStats stats;
+    ASSERT_THAT(ExportPackedModel(*t.model, t.description, path, &stats), IsOk());
+    EXPECT_EQ(stats.level_table_layers, 0);
+    auto file = ReadPackedModelFile(path);
+    ASSERT_THAT(file, IsOk());
+    int packed = 0;
+    for (const pb::PackedLayer& l : file->layers()) {
+      if (l.kind() != pb::PackedLayer::PACKED_CONV2D &&
+          l.kind() != pb::PackedLayer::PACKED_LINEAR) {
+        continue;
+      }
+      ++packed;
+      EXPECT_EQ(l.weight().bits(), want.stored_bits) << want.wq;
+      EXPECT_EQ(l.weight().code_values_size(), t.config.weight.pow2_levels);
+      EXPECT_EQ(l.weight().levels_size(), 0);
+      EXPECT_EQ(static_cast<int64_t>(l.weight().codes().size()),
+                DenseCodeBytes(l.weight().rows() * l.weight().cols(), want.stored_bits));
+    }
+    EXPECT_EQ(packed, stats.packed_layers);
+    auto model = LoadPackedModel(path);
+    ASSERT_THAT(model, IsOk());
+    const std::string describe = (*model)->Describe();
+    EXPECT_THAT(describe, HasSubstr(want.describe)) << describe;
+    EXPECT_THAT(describe,
+                HasSubstr(absl::StrCat("(", t.config.weight.pow2_levels, " integer levels)")));
   }
 }
 
@@ -323,9 +373,9 @@ TEST_F(PackedFileTest, WrongMagicIsDataLoss) {
 
 TEST_F(PackedFileTest, NewerVersionIsFailedPrecondition) {
   std::string bad = bytes_;
-  bad[8] = 2;
+  bad[8] = 3;
   EXPECT_THAT(LoadPackedModel(WriteBytes("version.qpack", bad)),
-              StatusIs(absl::StatusCode::kFailedPrecondition, HasSubstr("version 2")));
+              StatusIs(absl::StatusCode::kFailedPrecondition, HasSubstr("version 3")));
 }
 
 TEST_F(PackedFileTest, InconsistentLayerIsDataLoss) {
@@ -348,6 +398,41 @@ TEST_F(PackedFileTest, InconsistentLayerIsDataLoss) {
   }
   EXPECT_THAT(LoadPackedModel(WriteProto("codebook.qpack", m)),
               StatusIs(absl::StatusCode::kDataLoss, HasSubstr("codebook")));
+}
+
+TEST(PackedPow2FileTest, BadCodeValuesAreDataLoss) {
+  kernels::CpuContext cpu;
+  Trained t =
+      Train(MakeCase("cnn", "none", "pow2:levels=5", "pact:bits=2,alpha=3"), {1, 8, 8}, 5, cpu);
+  const std::string path = TempPath("pow2_file.qpack");
+  ASSERT_THAT(ExportPackedModel(*t.model, t.description, path, nullptr), IsOk());
+  auto file = ReadPackedModelFile(path);
+  ASSERT_THAT(file, IsOk());
+  auto edit = [&](auto change) {
+    pb::PackedModel m = *file;
+    for (pb::PackedLayer& l : *m.mutable_layers()) {
+      if (l.kind() == pb::PackedLayer::PACKED_CONV2D) {
+        change(l.mutable_weight());
+        break;
+      }
+    }
+    const std::string p = TempPath("pow2_bad.qpack");
+    EXPECT_THAT(WritePackedModelFile(p, m), IsOk());
+    return LoadPackedModel(p).status();
+  };
+  // Four values for 3-bit codes: index 4 (the level +2) points past them.
+  EXPECT_THAT(edit([](pb::PackedWeight* w) { w->mutable_code_values()->RemoveLast(); }),
+              StatusIs(absl::StatusCode::kDataLoss, HasSubstr("beyond its 4 code values")));
+  EXPECT_THAT(edit([](pb::PackedWeight* w) {
+                for (int j = 0; j < 4; ++j) w->add_code_values(0);
+              }),
+              StatusIs(absl::StatusCode::kDataLoss, HasSubstr("9 code values for 3-bit codes")));
+  EXPECT_THAT(edit([](pb::PackedWeight* w) { w->set_code_values(0, -300); }),
+              StatusIs(absl::StatusCode::kDataLoss, HasSubstr("at most 256")));
+  EXPECT_THAT(edit([](pb::PackedWeight* w) {
+                for (int j = 0; j < 8; ++j) w->add_levels(0.0f);
+              }),
+              StatusIs(absl::StatusCode::kDataLoss, HasSubstr("both a level table and code")));
 }
 
 TEST_F(PackedFileTest, ConfigThatDoesNotMatchTheLayersIsInvalid) {

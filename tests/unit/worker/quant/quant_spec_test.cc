@@ -1,5 +1,8 @@
 #include "worker/quant/quant_spec.h"
 
+#include <string>
+#include <utility>
+
 #include "common/testing/status_matchers.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -32,6 +35,30 @@ TEST(QuantSpecTest, ParsesWeightSpecs) {
   EXPECT_EQ(s.method, Method::kNone);
 }
 
+TEST(QuantSpecTest, ParsesPow2Levels) {
+  // bits: the width of a level index, ceil(log2(levels)).
+  for (const auto& [levels, bits] : {std::pair{3, 2}, {5, 3}, {7, 3}, {9, 4}}) {
+    ASSERT_OK_AND_ASSIGN(QuantSpec s,
+                         ParseWeightQuantSpec("pow2:levels=" + std::to_string(levels)));
+    EXPECT_EQ(s.method, Method::kPow2);
+    EXPECT_EQ(s.pow2_levels, levels);
+    EXPECT_EQ(s.bits, bits);
+  }
+  EXPECT_THAT(ParseWeightQuantSpec("pow2"),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("needs levels=L")));
+  EXPECT_THAT(ParseWeightQuantSpec("pow2:levels=4"),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("3, 5, 7 or 9")));
+  EXPECT_THAT(ParseWeightQuantSpec("pow2:bits=2"),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("unknown key 'bits'")));
+  EXPECT_THAT(ParseActivationQuantSpec("pow2:levels=3"),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("unknown method 'pow2'")));
+  EXPECT_THAT(MakeActivationQuantizer("aq", QuantSpec{.method = Method::kPow2, .bits = 2,
+                                                      .pow2_levels = 3}),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("does not quantize")));
+  EXPECT_THAT(MakeWeightQuantizer(QuantSpec{.method = Method::kPow2, .bits = 2, .pow2_levels = 4}),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("levels 3, 5, 7 or 9")));
+}
+
 TEST(QuantSpecTest, ParsesActivationSpecs) {
   ASSERT_OK_AND_ASSIGN(QuantSpec s, ParseActivationQuantSpec("pact:bits=2,alpha=10,l2=0.0002"));
   EXPECT_EQ(s.method, Method::kPact);
@@ -45,8 +72,8 @@ TEST(QuantSpecTest, ParsesActivationSpecs) {
 }
 
 TEST(QuantSpecTest, ToStringRoundTrips) {
-  for (const char* spec :
-       {"sawb:bits=2", "dorefa:bits=3", "qil:bits=4", "binary", "ternary", "none"}) {
+  for (const char* spec : {"sawb:bits=2", "dorefa:bits=3", "qil:bits=4", "binary", "ternary",
+                           "pow2:levels=7", "none"}) {
     ASSERT_OK_AND_ASSIGN(QuantSpec s, ParseWeightQuantSpec(spec));
     EXPECT_EQ(s.ToString(), spec);
   }
@@ -107,7 +134,8 @@ TEST(QuantSpecTest, ParsesCombinedSpec) {
 }
 
 TEST(QuantSpecTest, FactoriesBuildEveryMethod) {
-  for (const char* spec : {"dorefa:bits=2", "sawb:bits=3", "qil:bits=3", "binary", "ternary"}) {
+  for (const char* spec : {"dorefa:bits=2", "sawb:bits=3", "qil:bits=3", "binary", "ternary",
+                           "pow2:levels=3", "pow2:levels=9"}) {
     ASSERT_OK_AND_ASSIGN(QuantSpec s, ParseWeightQuantSpec(spec));
     ASSERT_OK_AND_ASSIGN(std::unique_ptr<WeightQuantizer> q, MakeWeightQuantizer(s));
     ASSERT_NE(q, nullptr) << spec;

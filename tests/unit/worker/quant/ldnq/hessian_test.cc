@@ -1,9 +1,12 @@
 #include "worker/quant/ldnq/hessian.h"
 
+#include <bit>
 #include <random>
+#include <thread>
 #include <vector>
 
 #include "gtest/gtest.h"
+#include "tests/unit/worker/comm/thread_communicator.h"
 
 namespace qtrain::quant::ldnq {
 namespace {
@@ -88,6 +91,55 @@ TEST(HessianTest, ConvolutionAveragesEveryPatchWithZeroPadding) {
     EXPECT_EQ(acc.samples(), 2 * static_cast<int64_t>(samples.size()));
     ExpectNear(acc.Mean(), Direct(samples, bias == BiasColumn::kAppendOne));
   }
+}
+
+// Distributed accumulation: ranks (threads over an in-memory communicator) each add their own
+// batches, AllReduceHessian sums them; every rank then holds the same bits, equal to one
+// accumulator fed every batch (to double rounding: the batches' float Gram matrices are added in
+// another order), and the samples are counted once each.
+TEST(HessianTest, AllReduceSumsTheRanksShards) {
+  constexpr int kRanks = 3, kBatches = 5;
+  kernels::Conv2dShape shape;
+  shape.batch = 2;
+  shape.in_channels = 3;
+  shape.in_height = shape.in_width = 6;
+  shape.out_channels = 4;
+  shape.kernel_h = shape.kernel_w = 3;
+  shape.stride_h = shape.stride_w = 1;
+  shape.pad_h = shape.pad_w = 1;
+  const int64_t d = shape.col_rows();
+  std::vector<nn::Tensor> batches;
+  for (int b = 0; b < kBatches; ++b) batches.push_back(RandomTensor({2, 3, 6, 6}, 40 + b));
+
+  HessianAccumulator one(d, BiasColumn::kAppendOne);
+  for (const nn::Tensor& x : batches) one.AddConvInput(kernels::CpuContext{}, shape, x);
+
+  testing::ThreadWorld world(kRanks);
+  std::vector<HessianAccumulator> accs(kRanks, HessianAccumulator(d, BiasColumn::kAppendOne));
+  std::vector<absl::Status> status(kRanks);
+  std::vector<std::thread> threads;
+  for (int r = 0; r < kRanks; ++r) {
+    threads.emplace_back([&, r] {
+      testing::ThreadCommunicator comm(&world, r);
+      for (int b = r; b < kBatches; b += kRanks) {
+        accs[r].AddConvInput(kernels::CpuContext{}, shape, batches[b]);
+      }
+      status[r] = AllReduceHessian(comm, &accs[r]);
+    });
+  }
+  for (std::thread& t : threads) t.join();
+  for (int r = 0; r < kRanks; ++r) {
+    ASSERT_TRUE(status[r].ok()) << status[r];
+    EXPECT_EQ(accs[r].samples(), one.samples()) << r;
+    ASSERT_EQ(accs[r].sum().size(), one.sum().size());
+    for (size_t i = 0; i < one.sum().size(); ++i) {
+      ASSERT_EQ(std::bit_cast<uint64_t>(accs[r].sum()[i]),
+                std::bit_cast<uint64_t>(accs[0].sum()[i]))
+          << "rank " << r << " entry " << i;
+      ASSERT_NEAR(accs[r].sum()[i], one.sum()[i], 1e-12 * (1.0 + std::fabs(one.sum()[i]))) << i;
+    }
+  }
+  ExpectNear(accs[1].Mean(), one.Mean());
 }
 
 }  // namespace
