@@ -144,7 +144,8 @@ class Communicator {
   // between two steps. Cheap (a flag set by earlier collectives). Default: false.
   virtual bool HandoverRequested() const { return false; }
   // Gives `state` (this worker's, at the boundary before state.step) to the joining workers that
-  // wait for it. A joiner that went away meanwhile is logged, not an error. Default: nothing.
+  // wait for it. A joiner that went away meanwhile, or a refused upload, is logged, not an
+  // error; an error means the adapter's peers or servers are unreachable. Default: nothing.
   virtual absl::Status Handover(const JoinState& state) {
     (void)state;
     return absl::OkStatus();

@@ -255,12 +255,13 @@ class PsCommunicator final : public Communicator {
                          << ", step " << state.step << " over to joining worker " << joiner << " ("
                          << bytes.size() << " bytes in " << pieces << " piece(s), "
                          << timer.Seconds() << " s)";
-      } else if (s.code() == absl::StatusCode::kFailedPrecondition) {
-        // The joiner went away or another worker serves it: its problem, not this worker's.
+      } else if (s.code() == absl::StatusCode::kDeadlineExceeded) {
+        return s;  // the server stayed unreachable: this worker's next step would fail too
+      } else {
+        // The joiner went away, another worker serves it, or the server refused the upload:
+        // the joiner's problem (it times out), never a reason to stop this worker.
         QTRAIN_LOG(WARNING) << "worker " << id_ << ": no handover to worker " << joiner << ": "
                             << s.message();
-      } else {
-        return s;
       }
     }
     return absl::OkStatus();
