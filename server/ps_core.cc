@@ -26,6 +26,8 @@ constexpr uint64_t kMaxCheckpointBytes = uint64_t{16} << 30;
 constexpr uint32_t kJournalMagic = 0x4E4A5451;  // "QTJN" (little-endian)
 constexpr size_t kJournalHeaderBytes = 12;      // magic, body length, CRC-32 of the body
 constexpr int kCheckpointHistory = 16;          // rounds per bucket kept in a checkpoint
+constexpr uint32_t kMaxHandoverPieces = 1 << 16;
+constexpr uint64_t kMaxHandoverBytes = uint64_t{16} << 30;
 constexpr uint64_t kFnvOffset = 14695981039346656037ull;
 constexpr uint64_t kFnvPrime = 1099511628211ull;
 
@@ -255,7 +257,7 @@ absl::Status ServerCore::CheckShard(uint32_t shard) const {
 
 absl::Status ServerCore::CheckWorker(int id) {
   auto it = workers_.find(id);
-  if (it == workers_.end() || !it->second.live) {
+  if (it == workers_.end() || !(it->second.live || it->second.joining)) {
     return Refuse(absl::StatusCode::kFailedPrecondition, pb::NOT_REGISTERED,
                   absl::StrCat("worker ", id,
                                it == workers_.end() ? " is not registered"
@@ -308,21 +310,49 @@ absl::Status ServerCore::Register(const pb::RegisterRequest& request,
                          absl::StrCat("the worker's codec '", request.codec_spec(),
                                       "' differs from the server's '", options_.codec_spec, "'")));
   }
+  // In progress: every worker has registered once, so rounds and collectives may have run.
+  const bool join = request.joining() && QuorumReady();
   int id = request.worker_id();
   if (id == -1) {
     id = 0;
     while (workers_.count(id) != 0) ++id;
+    if (join) {  // a full job: replace the lowest worker that is gone
+      id = 0;
+      for (const auto& [known, w] : workers_) {
+        if (known == id && (w.live || w.joining)) ++id;
+      }
+    }
   }
   if (id < 0 || id >= options_.world_size) {
     return Reject(Refuse(absl::StatusCode::kInvalidArgument, pb::BAD_REQUEST,
                          absl::StrCat("worker id ", request.worker_id(), " is outside [0, ",
                                       options_.world_size, ") (or every id is taken)")));
   }
-  Worker& w = workers_[id];
-  const bool rejoin = !w.live && w.last_seen != 0;
-  w.live = true;
-  w.last_seen = Now();
-  if (rejoin) QTRAIN_LOG(INFO) << "worker " << id << " rejoined";
+  if (join) {
+    auto found = workers_.find(id);
+    if (found != workers_.end() && found->second.live) {
+      return Reject(Refuse(
+          absl::StatusCode::kFailedPrecondition, pb::WORKER_LIVE,
+          absl::StrCat("worker ", id, " is still live (last heard ", Now() - found->second.last_seen,
+                       " s ago); a new process for it may join once the old one is dropped (",
+                       options_.heartbeat_timeout_seconds, " s of silence)")));
+    }
+    Worker& w = workers_[id];
+    if (!w.joining) {
+      QTRAIN_LOG(INFO) << "worker " << id << " registered to join the running job (version "
+                       << version_ << "); not in the quorum until its first accepted push";
+    }
+    w.joining = true;
+    w.last_seen = Now();
+  } else {
+    Worker& w = workers_[id];
+    const bool rejoin = !w.live && w.last_seen != 0;
+    w.live = true;
+    w.joining = false;
+    w.last_seen = Now();
+    if (rejoin) QTRAIN_LOG(INFO) << "worker " << id << " rejoined";
+  }
+  response->set_in_progress(join);
   response->set_worker_id(id);
   response->set_world_size(options_.world_size);
   response->set_shard(static_cast<uint32_t>(options_.shard));
@@ -450,6 +480,13 @@ absl::Status ServerCore::Push(const pb::PushRequest& request, pb::PushResponse* 
     bucket.opened_at = Now();
   }
   bucket.pushed.insert(worker);
+  if (Worker& w = workers_[worker]; w.joining) {
+    w.joining = false;
+    w.live = true;
+    handovers_.erase(worker);
+    QTRAIN_LOG(INFO) << "worker " << worker << " joined the quorum at bucket " << bucket_id
+                     << " step " << step;
+  }
   if (options_.mode == PsMode::kAsync) {
     RETURN_IF_ERROR(CloseRound(bucket_id, bucket));
   } else {
@@ -534,6 +571,11 @@ absl::Status ServerCore::Pull(const pb::PullRequest& request, pb::PullResponse* 
                          absl::StrCat("negative step ", request.step())));
   }
   if (absl::Status s = CheckWorker(request.worker_id()); !s.ok()) return Reject(s);
+  for (const auto& [joiner, h] : handovers_) {
+    if (h.donor == request.worker_id() && (h.pieces == 0 || h.received < h.pieces)) {
+      response->add_handover_to(joiner);
+    }
+  }
   auto it = buckets_.find(request.bucket());
   response->set_version(version_);
   if (it == buckets_.end()) {
@@ -604,7 +646,9 @@ absl::Status ServerCore::Leave(const pb::LeaveRequest& request, pb::LeaveRespons
   if (absl::Status s = CheckShard(request.shard()); !s.ok()) return Reject(s);
   if (absl::Status s = CheckWorker(request.worker_id()); !s.ok()) return Reject(s);
   workers_[request.worker_id()].live = false;
+  workers_[request.worker_id()].joining = false;
   QTRAIN_LOG(INFO) << "worker " << request.worker_id() << " left";
+  ReviewHandoversLocked();
   // The rounds and collectives waiting for it may close now.
   for (auto& [id, b] : buckets_) {
     if (options_.mode == PsMode::kSync) MaybeCloseSync(id, b, false);
@@ -619,13 +663,15 @@ void ServerCore::Tick() {
   const double now = Now();
   bool changed = false;
   for (auto& [id, w] : workers_) {
-    if (w.live && now - w.last_seen > options_.heartbeat_timeout_seconds) {
+    if ((w.live || w.joining) && now - w.last_seen > options_.heartbeat_timeout_seconds) {
+      QTRAIN_LOG(WARNING) << "worker " << id << (w.live ? " dropped from the quorum" : " (joining) dropped")
+                          << ": silent for " << now - w.last_seen << " s";
       w.live = false;
+      w.joining = false;
       changed = true;
-      QTRAIN_LOG(WARNING) << "worker " << id << " dropped from the quorum: silent for "
-                          << now - w.last_seen << " s";
     }
   }
+  changed = ReviewHandoversLocked() || changed;
   const uint64_t before = version_;
   if (options_.mode == PsMode::kSync) {
     for (auto& [id, b] : buckets_) MaybeCloseSync(id, b, /*deadline_only=*/!changed);
@@ -774,6 +820,144 @@ absl::Status ServerCore::Collective(const pb::CollectiveRequest& request,
   return absl::OkStatus();
 }
 
+int ServerCore::PickDonorLocked(int joiner) const {
+  for (const auto& [id, w] : workers_) {
+    if (w.live && id != joiner) return id;
+  }
+  return -1;
+}
+
+bool ServerCore::ReviewHandoversLocked() {
+  bool changed = false;
+  for (auto it = handovers_.begin(); it != handovers_.end();) {
+    auto joiner = workers_.find(it->first);
+    if (joiner == workers_.end() || !joiner->second.joining) {
+      it = handovers_.erase(it);  // the joiner is gone (or live: it needs nothing more)
+      changed = true;
+      continue;
+    }
+    HandoverState& h = it->second;
+    const bool complete = h.pieces > 0 && h.received == h.pieces;
+    auto donor = workers_.find(h.donor);
+    if (!complete && (donor == workers_.end() || !donor->second.live)) {
+      const int next = PickDonorLocked(it->first);
+      if (next != h.donor) {
+        QTRAIN_LOG(WARNING) << "joining worker " << it->first << ": donor " << h.donor
+                            << " is gone; " << (next < 0 ? "no live worker is left" : "")
+                            << (next < 0 ? "" : absl::StrCat("worker ", next, " hands over"));
+        h = HandoverState();
+        h.donor = next;
+        changed = true;
+      }
+    }
+    ++it;
+  }
+  return changed;
+}
+
+absl::Status ServerCore::Join(const pb::JoinRequest& request, pb::JoinResponse* response) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (absl::Status s = CheckToken(request.token()); !s.ok()) return Reject(s);
+  if (absl::Status s = CheckShard(request.shard()); !s.ok()) return Reject(s);
+  if (options_.shard != 0) {
+    return Reject(Refuse(absl::StatusCode::kInvalidArgument, pb::WRONG_SHARD,
+                         "the join handover is served by shard 0"));
+  }
+  if (absl::Status s = CheckWorker(request.worker_id()); !s.ok()) return Reject(s);
+  const int id = request.worker_id();
+  if (!workers_[id].joining) {
+    return Reject(Refuse(absl::StatusCode::kFailedPrecondition, pb::BAD_REQUEST,
+                         absl::StrCat("worker ", id, " is in the quorum, not joining; only a "
+                                      "worker that registered into a running job asks for its "
+                                      "state")));
+  }
+  auto [it, created] = handovers_.try_emplace(id);
+  HandoverState& h = it->second;
+  if (h.donor < 0) h.donor = PickDonorLocked(id);
+  if (h.donor < 0) {
+    handovers_.erase(it);
+    return Reject(Refuse(absl::StatusCode::kFailedPrecondition, pb::NO_DONOR,
+                         absl::StrCat("no live worker can hand over its state to worker ", id,
+                                      " (the run has ended, or every other worker is gone)")));
+  }
+  if (created) {
+    QTRAIN_LOG(INFO) << "joining worker " << id << " asks for the state; worker " << h.donor
+                     << " hands it over at its next step boundary";
+    Changed();
+  }
+  response->set_donor(h.donor);
+  if (h.pieces == 0 || h.received < h.pieces) {
+    response->set_ready(false);
+    return absl::OkStatus();
+  }
+  if (request.piece() >= h.pieces) {
+    return Reject(Refuse(absl::StatusCode::kInvalidArgument, pb::BAD_REQUEST,
+                         absl::StrCat("piece ", request.piece(), " of ", h.pieces)));
+  }
+  response->set_ready(true);
+  response->set_pieces(h.pieces);
+  response->set_data(h.data[request.piece()]);
+  return absl::OkStatus();
+}
+
+absl::Status ServerCore::Handover(const pb::HandoverRequest& request,
+                                  pb::HandoverResponse* /*response*/) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (absl::Status s = CheckToken(request.token()); !s.ok()) return Reject(s);
+  if (absl::Status s = CheckShard(request.shard()); !s.ok()) return Reject(s);
+  if (options_.shard != 0) {
+    return Reject(Refuse(absl::StatusCode::kInvalidArgument, pb::WRONG_SHARD,
+                         "the join handover is served by shard 0"));
+  }
+  if (absl::Status s = CheckWorker(request.worker_id()); !s.ok()) return Reject(s);
+  if (request.pieces() < 1 || request.pieces() > kMaxHandoverPieces ||
+      request.piece() >= request.pieces()) {
+    return Reject(Refuse(absl::StatusCode::kInvalidArgument, pb::BAD_REQUEST,
+                         absl::StrCat("handover piece ", request.piece(), " of ", request.pieces(),
+                                      " (at most ", kMaxHandoverPieces, " pieces)")));
+  }
+  if (request.data().size() > options_.max_message_bytes) {
+    return Reject(Refuse(absl::StatusCode::kInvalidArgument, pb::BAD_REQUEST,
+                         absl::StrCat("handover piece of ", request.data().size(),
+                                      " bytes exceeds the limit of ", options_.max_message_bytes)));
+  }
+  auto it = handovers_.find(request.joiner());
+  if (it == handovers_.end() || it->second.donor != request.worker_id()) {
+    return Reject(Refuse(
+        absl::StatusCode::kFailedPrecondition, pb::BAD_REQUEST,
+        absl::StrCat("worker ", request.joiner(), " waits for no handover from worker ",
+                     request.worker_id(), " (it is live, gone, or another worker hands over)")));
+  }
+  HandoverState& h = it->second;
+  if (h.pieces != 0 && h.pieces != request.pieces()) {
+    return Reject(Refuse(absl::StatusCode::kInvalidArgument, pb::BAD_REQUEST,
+                         absl::StrCat("handover of ", request.pieces(), " pieces; this upload has ",
+                                      h.pieces)));
+  }
+  const uint64_t bytes = h.bytes + request.data().size() -
+                         (h.pieces != 0 && h.have[request.piece()] ? h.data[request.piece()].size() : 0);
+  if (bytes > kMaxHandoverBytes) {
+    return Reject(Refuse(absl::StatusCode::kInvalidArgument, pb::BAD_REQUEST,
+                         "the handed-over state exceeds 16 GiB"));
+  }
+  // Accepted.
+  if (h.pieces == 0) {
+    h.pieces = request.pieces();
+    h.data.assign(h.pieces, std::string());
+    h.have.assign(h.pieces, false);
+  }
+  if (!h.have[request.piece()]) ++h.received;
+  h.have[request.piece()] = true;
+  h.data[request.piece()] = request.data();
+  h.bytes = bytes;
+  if (h.received == h.pieces) {
+    QTRAIN_LOG(INFO) << "worker " << request.worker_id() << " handed its state over to joining worker "
+                     << request.joiner() << " (" << h.bytes << " bytes)";
+  }
+  Changed();
+  return absl::OkStatus();
+}
+
 absl::Status ServerCore::GetStatus(const pb::StatusRequest& request,
                                    pb::StatusResponse* response) {
   std::lock_guard<std::mutex> lock(mu_);
@@ -821,6 +1005,12 @@ uint64_t ServerCore::StateHashLocked() const {
   for (const auto& [id, w] : workers_) {
     h = FnvValue(h, id);
     h = FnvValue(h, w.live);
+    h = FnvValue(h, w.joining);
+  }
+  for (const auto& [id, ho] : handovers_) {
+    h = FnvValue(h, id);
+    h = FnvValue(h, ho.donor);
+    h = FnvValue(h, ho.received);
   }
   return h;
 }
@@ -926,7 +1116,7 @@ absl::Status ServerCore::Restore() {
     if (id < 0 || id >= options_.world_size) {
       return absl::DataLossError(absl::StrCat("server checkpoint ", path, ": worker id ", id));
     }
-    workers_[id] = Worker{true, now};
+    workers_[id] = Worker{.live = true, .joining = false, .last_seen = now};
   }
   version_ = ckpt.version();
   restored_ = true;

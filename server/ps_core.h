@@ -36,6 +36,25 @@
 // workers have registered, rounds close only by deadline, so a fresh or restarted server does not
 // close a round on the first worker's push alone.
 //
+// Joining a job in progress. A process that holds no state of the run yet registers with
+// `joining`. If the job is in progress (every id in [0, world_size) has registered once) the
+// worker becomes JOINING, not live: rounds and collectives do not wait for it, but it may pull,
+// heartbeat, contribute to collectives (closed ones give it their result) and call Join. If its
+// id is still live (a killed process not yet dropped) the registration is refused as WORKER_LIVE
+// and changes nothing: the client retries until the old process is dropped, so two processes
+// never share an id. Worker id -1 joining a full job gets the lowest id that is neither live nor
+// joining (a replacement for a dead worker); the world size never grows, since every worker's
+// data shard depends on it. Shard 0 hands the state over: the joiner's first Join picks a donor
+// (the lowest live worker), every Pull answer of the donor lists the joiners waiting for it
+// (handover_to), the donor uploads its pb::WorkerHandover in pieces (Handover) at its next step
+// boundary, and Join returns the pieces once all are there. If the donor goes (dropped or left)
+// before it finished, the next Tick picks another one; with no live worker left, Join is
+// FAILED_PRECONDITION (NO_DONOR). The joiner then runs from the donor's step: its pushes of
+// closed rounds are STALE_STEP and it pulls their results, so it applies exactly the updates
+// the others applied and catches up; its first ACCEPTED push makes it live (on that server) and
+// shard 0 frees the handed-over bytes. A joining worker that goes silent is dropped like a live
+// one. Memory: the handed-over bytes (about twice the model) per joiner, until it is live.
+//
 // Checkpoints (checkpoint_dir non-empty): every `checkpoint_every` closed rounds (version
 // multiple) and at Shutdown, a pb::PsCheckpoint framed by common/framed_file.h (magic "QTRNPSCK",
 // version 1, CRC-32, atomic rename) at <checkpoint_dir>/qserver.shard<s>.ckpt: version, each
@@ -136,6 +155,10 @@ class ServerCore {
   absl::Status GetStatus(const pb::StatusRequest& request, pb::StatusResponse* response);
   // Contributes (once per worker and seq) and returns the result when closed (ready).
   absl::Status Collective(const pb::CollectiveRequest& request, pb::CollectiveResponse* response);
+  // Shard 0: a joining worker asks for the handed-over state (ready when every piece is there).
+  absl::Status Join(const pb::JoinRequest& request, pb::JoinResponse* response);
+  // Shard 0: the donor uploads one piece of its state for a joining worker.
+  absl::Status Handover(const pb::HandoverRequest& request, pb::HandoverResponse* response);
 
   // Applies round deadlines and heartbeat timeouts at the current clock.
   void Tick();
@@ -165,7 +188,17 @@ class ServerCore {
   };
   struct Worker {
     bool live = false;
+    bool joining = false;  // registered into a job in progress; live at its first accepted push
     double last_seen = 0;
+  };
+  // Shard 0: the state handed over to one joining worker.
+  struct HandoverState {
+    int donor = -1;                  // -1: none picked (no live worker)
+    uint32_t pieces = 0;             // announced by the donor's first piece; 0: none yet
+    uint32_t received = 0;
+    uint64_t bytes = 0;
+    std::vector<std::string> data;  // by piece
+    std::vector<bool> have;
   };
   struct CollectiveState {
     pb::CollectiveKind kind = pb::COLLECTIVE_UNSPECIFIED;
@@ -182,8 +215,12 @@ class ServerCore {
   explicit ServerCore(const ServerCoreOptions& options);
   double Now() const { return options_.clock(); }
   absl::Status CheckToken(const std::string& token) const;
-  // NOT_REGISTERED unless `id` is a live worker; refreshes its heartbeat clock.
+  // NOT_REGISTERED unless `id` is a live or joining worker; refreshes its heartbeat clock.
   absl::Status CheckWorker(int id);
+  // The lowest live worker other than `joiner`, or -1.
+  int PickDonorLocked(int joiner) const;
+  // Re-picks donors that are no longer live and forgets joiners that are gone (Tick, Leave).
+  bool ReviewHandoversLocked();
   absl::Status CheckShard(uint32_t shard) const;
   int LiveCount() const;
   bool QuorumReady() const;  // world_size workers have registered at least once
@@ -214,6 +251,7 @@ class ServerCore {
   std::map<uint32_t, Bucket> buckets_;
   std::map<int, Worker> workers_;
   std::map<uint64_t, CollectiveState> collectives_;
+  std::map<int, HandoverState> handovers_;  // by joining worker id (shard 0)
 };
 
 }  // namespace qtrain::server

@@ -96,6 +96,25 @@ class Service final : public pb::ParameterServer::Service {
       core_->WaitForChange(seen, wait - spent);
     }
   }
+  grpc::Status Join(grpc::ServerContext* context, const pb::JoinRequest* request,
+                    pb::JoinResponse* response) override {
+    const double wait = SecondsLeft(context, std::min(2.0, request->wait_ms() / 1000.0));
+    const auto start = std::chrono::steady_clock::now();
+    for (;;) {
+      const uint64_t seen = core_->change_count();
+      response->Clear();
+      absl::Status s = core_->Join(*request, response);
+      if (!s.ok() || response->ready()) return ToGrpc(s);
+      const double spent =
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      if (spent >= wait || context->IsCancelled()) return grpc::Status::OK;
+      core_->WaitForChange(seen, wait - spent);
+    }
+  }
+  grpc::Status Handover(grpc::ServerContext*, const pb::HandoverRequest* request,
+                        pb::HandoverResponse* response) override {
+    return ToGrpc(core_->Handover(*request, response));
+  }
 
  private:
   ServerCore* const core_;

@@ -173,7 +173,9 @@ ABSL_FLAG(std::string, ps, "",
           "Parameter-server mode: host:port of each qserver, in shard order (h1:p1,h2:p2). The "
           "workers push --codec gradients and pull the servers' mean (see qserver --help).");
 ABSL_FLAG(std::string, ps_token, "", "--ps: the servers' shared --token.");
-ABSL_FLAG(int, worker_id, -1, "--ps: this worker's rank in [0, workers) (-1: the server assigns).");
+ABSL_FLAG(int, worker_id, -1,
+          "--ps: this worker's rank in [0, workers) (-1: the server assigns the lowest unused one, "
+          "or, joining a running job, the lowest one whose worker is gone).");
 ABSL_FLAG(std::string, ps_tls_ca, "", "--ps: PEM CA the servers' TLS certificates chain to (TLS on).");
 ABSL_FLAG(std::string, ps_tls_cert, "", "--ps: PEM client certificate (servers with --tls_ca).");
 ABSL_FLAG(std::string, ps_tls_key, "", "--ps: PEM private key of --ps_tls_cert.");
@@ -494,7 +496,13 @@ absl::Status RunTraining(const CommConfig& comm_config, comm::Communicator* comm
                      << " gradient buckets of up to " << comm_config.bucket_mb << " MiB";
   }
   ASSIGN_OR_RETURN(train::TrainSummary s, trainer->Run());
-  if (communicator->rank() != 0) return absl::OkStatus();
+  if (communicator->rank() != 0) {
+    // Every rank's own hash (rank 0 prints the checked one below): a worker that joined late
+    // shows that it ends with the others' weights.
+    std::printf("rank %d final weights hash %016llx\n", communicator->rank(),
+                static_cast<unsigned long long>(s.weights_hash));
+    return absl::OkStatus();
+  }
   std::printf("weights hash: %016llx identical on all %d ranks\n",
               static_cast<unsigned long long>(s.weights_hash), s.ranks);
   std::string traffic = absl::StrCat("bytes_sent=", s.bytes_sent, " (fp32 would send ",

@@ -28,6 +28,7 @@
 #define QTRAIN_WORKER_COMM_COMMUNICATOR_H_
 
 #include <cstdint>
+#include <optional>
 #include <span>
 #include <string>
 #include <string_view>
@@ -65,6 +66,17 @@ const char* AllreduceAlgorithmName(AllreduceAlgorithm algorithm);
 // The algorithm a compressed bucket of n floats runs (kAuto resolved).
 AllreduceAlgorithm ResolveAllreduceAlgorithm(AllreduceAlgorithm requested, int world_size,
                                              uint64_t n);
+
+// A job in progress, as a worker that joins it late (a restarted process) starts from it: the
+// position every worker is at and one live worker's trainer state at that step boundary.
+struct JoinState {
+  int donor = -1;                  // the rank whose state this is
+  int64_t epoch = 0;               // the epoch of `step`
+  int64_t step = 0;                // the global step about to run
+  int64_t step_in_epoch = 0;       // its index within the epoch (the sampler position)
+  double best_test_accuracy = 0;
+  std::vector<float> state;        // the trainer's flattened state (Trainer defines the order)
+};
 
 class Communicator {
  public:
@@ -120,6 +132,24 @@ class Communicator {
   // Replaces (or creates) the residual of `key` (checkpoint restore). FAILED_PRECONDITION when
   // error feedback is off.
   virtual absl::Status SetResidual(std::string_view key, std::span<const float> values) = 0;
+
+  // Joining a running job. The trainer calls it once, before its first step, where it would
+  // otherwise broadcast rank 0's initial state. nullopt: start as planned (from step 0 or the
+  // trainer's --resume checkpoint); that is every adapter but the parameter-server one, and that
+  // one too unless this process registered into a job that was already running. Otherwise the
+  // job's position and a live peer's state at that step boundary: the adapter has aligned its
+  // own numbering of collectives with the peers', and its error-feedback residuals are zero.
+  virtual absl::StatusOr<std::optional<JoinState>> JoinRunningJob() { return std::nullopt; }
+  // True when a joining worker waits for this worker's state: the trainer then calls Handover
+  // between two steps. Cheap (a flag set by earlier collectives). Default: false.
+  virtual bool HandoverRequested() const { return false; }
+  // Gives `state` (this worker's, at the boundary before state.step) to the joining workers that
+  // wait for it. A joiner that went away meanwhile, or a refused upload, is logged, not an
+  // error; an error means the adapter's peers or servers are unreachable. Default: nothing.
+  virtual absl::Status Handover(const JoinState& state) {
+    (void)state;
+    return absl::OkStatus();
+  }
 
   // Convenience: the sum of one scalar across ranks.
   absl::StatusOr<double> AllReduceSumScalar(double value);

@@ -131,6 +131,10 @@ class PsCommunicator final : public Communicator {
     }
     registered_ = true;
     rng_ = compression::Rng(RankSeed(options_.seed, id_));  // rank r's stream, as under MPI
+    if (joining_) {
+      QTRAIN_LOG(INFO) << "worker " << id_ << ": the job is already running; joining it (the "
+                       << "state comes from a live worker at its next step boundary)";
+    }
     // Wait until every worker of the run has registered, so that no round closes early.
     const Clock::time_point start = Clock::now();
     for (size_t s = 0; s < stubs_.size(); ++s) {
@@ -154,6 +158,112 @@ class PsCommunicator final : public Communicator {
       }
     }
     heartbeat_ = std::thread([this] { HeartbeatLoop(); });
+    if (!joining_) has_state_ = true;  // a fresh job: the trainer's start-up broadcast follows
+    return absl::OkStatus();
+  }
+
+  absl::StatusOr<std::optional<JoinState>> JoinRunningJob() override {
+    if (!joining_ || has_state_) return std::nullopt;
+    pb::JoinRequest request;
+    request.set_token(options_.token);
+    request.set_worker_id(id_);
+    request.set_shard(0);
+    request.set_wait_ms(1000);
+    pb::JoinResponse response;
+    std::string bytes;
+    uint32_t pieces = 1;
+    for (uint32_t piece = 0; piece < pieces; ++piece) {
+      request.set_piece(piece);
+      RETURN_IF_ERROR(Retry("join", "", [&]() -> absl::Status {
+        response.Clear();
+        absl::Status s = Call(0, options_.rpc_timeout_seconds, [&](grpc::ClientContext* c) {
+          return stubs_[0]->Join(c, request, &response);
+        });
+        if (!s.ok()) return s;
+        if (response.ready()) return absl::OkStatus();
+        return absl::UnavailableError("the state is not handed over yet");
+      }));
+      if (piece == 0) pieces = response.pieces();
+      if (response.pieces() != pieces) {
+        return absl::InternalError("join: the handed-over state changed while it was read");
+      }
+      bytes += response.data();
+    }
+    pb::WorkerHandover handover;
+    if (!handover.ParseFromString(bytes) || handover.state().size() % 4 != 0 ||
+        handover.epoch() < 0 || handover.step() < 0 || handover.step_in_epoch() < 0) {
+      return absl::DataLossError(absl::StrCat("join: the state handed over by worker ",
+                                              response.donor(), " does not parse"));
+    }
+    JoinState state;
+    state.donor = handover.donor();
+    state.epoch = handover.epoch();
+    state.step = handover.step();
+    state.step_in_epoch = handover.step_in_epoch();
+    state.best_test_accuracy = handover.best_test_accuracy();
+    state.state.resize(handover.state().size() / 4);
+    std::memcpy(state.state.data(), handover.state().data(), handover.state().size());
+    // The peers' positions: their next collective, and (async) each bucket's round.
+    collective_seq_ = handover.collective_seq();
+    async_rounds_.clear();
+    for (const auto& [bucket, round] : handover.async_rounds()) async_rounds_[bucket] = round;
+    step_ = state.step;
+    has_state_ = true;
+    return std::optional<JoinState>(std::move(state));
+  }
+
+  bool HandoverRequested() const override { return !handover_to_.empty(); }
+
+  absl::Status Handover(const JoinState& state) override {
+    pb::WorkerHandover handover;
+    handover.set_donor(id_);
+    handover.set_epoch(state.epoch);
+    handover.set_step(state.step);
+    handover.set_step_in_epoch(state.step_in_epoch);
+    handover.set_best_test_accuracy(state.best_test_accuracy);
+    handover.set_collective_seq(collective_seq_);
+    for (const auto& [bucket, round] : async_rounds_) (*handover.mutable_async_rounds())[bucket] = round;
+    handover.set_state(reinterpret_cast<const char*>(state.state.data()), 4 * state.state.size());
+    const std::string bytes = handover.SerializeAsString();
+    const size_t piece_bytes = std::max<size_t>(1, options_.max_message_bytes / 2);
+    const uint32_t pieces =
+        static_cast<uint32_t>(std::max<size_t>(1, (bytes.size() + piece_bytes - 1) / piece_bytes));
+    const std::vector<int> joiners = std::move(handover_to_);
+    handover_to_.clear();
+    for (int joiner : joiners) {
+      Timer timer;
+      absl::Status s;
+      for (uint32_t piece = 0; piece < pieces && s.ok(); ++piece) {
+        pb::HandoverRequest request;
+        request.set_token(options_.token);
+        request.set_worker_id(id_);
+        request.set_shard(0);
+        request.set_joiner(joiner);
+        request.set_piece(piece);
+        request.set_pieces(pieces);
+        const size_t at = size_t{piece} * piece_bytes;
+        request.set_data(bytes.substr(at, std::min(piece_bytes, bytes.size() - at)));
+        s = Retry("handover", "", [&] {
+          pb::HandoverResponse response;
+          return Call(0, options_.rpc_timeout_seconds, [&](grpc::ClientContext* c) {
+            return stubs_[0]->Handover(c, request, &response);
+          });
+        });
+      }
+      if (s.ok()) {
+        QTRAIN_LOG(INFO) << "worker " << id_ << ": handed the state at epoch " << state.epoch
+                         << ", step " << state.step << " over to joining worker " << joiner << " ("
+                         << bytes.size() << " bytes in " << pieces << " piece(s), "
+                         << timer.Seconds() << " s)";
+      } else if (s.code() == absl::StatusCode::kDeadlineExceeded) {
+        return s;  // the server stayed unreachable: this worker's next step would fail too
+      } else {
+        // The joiner went away, another worker serves it, or the server refused the upload:
+        // the joiner's problem (it times out), never a reason to stop this worker.
+        QTRAIN_LOG(WARNING) << "worker " << id_ << ": no handover to worker " << joiner << ": "
+                            << s.message();
+      }
+    }
     return absl::OkStatus();
   }
 
@@ -211,6 +321,9 @@ class PsCommunicator final : public Communicator {
     }));
     local.communicate_seconds = timer.Seconds();
     timer.Reset();
+    if (shard == 0) {
+      handover_to_.assign(response.handover_to().begin(), response.handover_to().end());
+    }
     if (response.updates_size() < 1) {
       return absl::InternalError(absl::StrCat("bucket '", std::string(key), "' step ", step_,
                                               ": the server's answer holds no update"));
@@ -331,8 +444,14 @@ class PsCommunicator final : public Communicator {
       const pb::PsErrorReason reason = ReasonOf(last);
       const std::string message(last.message());
       const bool polling = message == "the round is not closed yet" ||
-                           message == "the collective is not closed yet";
-      if (reason == pb::NOT_REGISTERED) {
+                           message == "the collective is not closed yet" ||
+                           message == "the state is not handed over yet";
+      if (reason == pb::WORKER_LIVE) {
+        if (!warned_live_) {
+          QTRAIN_LOG(WARNING) << "worker " << id_ << ": " << last.message() << "; waiting";
+          warned_live_ = true;
+        }
+      } else if (reason == pb::NOT_REGISTERED) {
         QTRAIN_LOG(WARNING) << "worker " << id_ << ": " << last.message() << "; registering again";
         for (size_t s = 0; s < stubs_.size(); ++s) (void)Register(static_cast<int>(s));
       } else if (!Transient(last) && reason != pb::FUTURE_STEP) {
@@ -400,6 +519,7 @@ class PsCommunicator final : public Communicator {
     request.set_shard(static_cast<uint32_t>(shard));
     request.set_num_shards(static_cast<uint32_t>(stubs_.size()));
     request.set_codec_spec(options_.codec_spec);
+    request.set_joining(!has_state_);
     pb::RegisterResponse response;
     RETURN_IF_ERROR(Call(shard, options_.rpc_timeout_seconds, [&](grpc::ClientContext* c) {
       return stubs_[shard]->Register(c, request, &response);
@@ -417,6 +537,7 @@ class PsCommunicator final : public Communicator {
     id_ = response.worker_id();
     world_size_ = response.world_size();
     async_ = response.mode() == pb::PS_MODE_ASYNC;
+    if (response.in_progress()) joining_ = true;
     return absl::OkStatus();
   }
 
@@ -464,6 +585,14 @@ class PsCommunicator final : public Communicator {
   bool registered_ = false;
   bool started_training_ = false;
   bool warned_stale_ = false;
+  bool warned_live_ = false;
+  // Joining: the servers said the job was running when this process registered (joining_); the
+  // process holds the run's state (has_state_: a fresh job's start, or the handover received).
+  // Registrations are `joining` until then.
+  std::atomic<bool> joining_{false};
+  std::atomic<bool> has_state_{false};
+  // Joining workers that wait for this worker's state (shard 0's last pull answer).
+  std::vector<int> handover_to_;
   int64_t step_ = 0;
   uint64_t collective_seq_ = 0;
   std::map<uint32_t, int64_t> async_rounds_;

@@ -40,10 +40,20 @@
 // call has taken timeout_seconds, then DEADLINE_EXCEEDED names the operation, bucket, worker and
 // step and the last error. The destructor sends Leave to every server (best effort, 1 s).
 //
-// A killed worker process cannot rejoin the same run: the trainer would start at step 0 with a
-// fresh model, and the server does not hold the weights (see the report of issue 6 for the
-// trainer hook this needs). A stopped or partitioned one can: it re-registers and catches up by
-// pulling the rounds it missed (the server keeps --history of them).
+// A stopped or partitioned worker re-registers and catches up by pulling the rounds it missed
+// (the server keeps --history of them). A killed worker's new process (the same command again,
+// or --worker_id=-1 to replace the lowest gone id) joins the running job: every registration is
+// `joining` until the process holds the run's state; the server answers in_progress when the job
+// had started (every id registered once), and refuses WORKER_LIVE, retried here, while the old
+// process of that id is not yet dropped. JoinRunningJob then asks shard 0 (Join) for the state;
+// the donor (the lowest live worker) sees the request in its shard-0 pull answers
+// (HandoverRequested), and its trainer hands over its parameters, buffers and momentum with its
+// epoch, step, batch within the epoch, best accuracy, and this adapter's collective number and
+// async rounds (pb::WorkerHandover, in pieces of half the message limit) before its next step.
+// The joiner sets its collective number and async rounds to the donor's, so its collectives line
+// up with its peers' (those that closed while it caught up give it their result), its
+// error-feedback residuals start at zero, and its STALE_STEP pushes catch it up until its first
+// accepted push puts it back in the quorum. A job with no live worker left gives NO_DONOR.
 //
 // Cost: one encode, one push and one pull (one decode) per bucket; bytes: the payload up, the
 // server's payload down (StepStats counts both). Memory: the residuals (one float per element).

@@ -273,6 +273,67 @@ std::string Trainer::ResidualPath() const {
       .string();
 }
 
+std::vector<float> Trainer::FlattenState() const {
+  std::vector<float> flat;
+  auto append = [&flat](const nn::Tensor& t) { flat.insert(flat.end(), t.data(), t.data() + t.size()); };
+  for (const nn::Parameter* p : params_) append(p->value);
+  for (const nn::Buffer* b : buffers_) append(b->value);
+  for (const nn::Tensor& m : sgd_->momentum()) append(m);
+  return flat;
+}
+
+absl::Status Trainer::UnflattenState(std::span<const float> flat) {
+  size_t expected = 0;
+  for (const nn::Parameter* p : params_) expected += static_cast<size_t>(p->value.size());
+  for (const nn::Buffer* b : buffers_) expected += static_cast<size_t>(b->value.size());
+  for (const nn::Tensor& m : sgd_->momentum()) expected += static_cast<size_t>(m.size());
+  if (flat.size() != expected) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "the state holds ", flat.size(), " floats; this model's parameters, buffers and momentum "
+        "are ", expected, " (start every worker with the same model and quantization flags)"));
+  }
+  size_t at = 0;
+  auto extract = [&flat, &at](nn::Tensor& t) {
+    std::copy(flat.begin() + at, flat.begin() + at + t.size(), t.data());
+    at += t.size();
+  };
+  for (nn::Parameter* p : params_) extract(p->value);
+  for (nn::Buffer* b : buffers_) extract(b->value);
+  for (nn::Tensor& m : sgd_->momentum()) extract(m);
+  return absl::OkStatus();
+}
+
+absl::Status Trainer::ApplyJoinState(const comm::JoinState& join, int64_t steps_per_epoch) {
+  if (guide_ != nullptr) {
+    return absl::FailedPreconditionError("guided training cannot join a running job");
+  }
+  if (join.epoch >= options_.epochs || join.step_in_epoch >= steps_per_epoch ||
+      join.step != join.epoch * steps_per_epoch + join.step_in_epoch) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "the running job is at epoch ", join.epoch, ", step ", join.step, " (", join.step_in_epoch,
+        " of its epoch); with this worker's flags a run has ", options_.epochs, " epochs of ",
+        steps_per_epoch, " steps (start every worker with the same flags)"));
+  }
+  if (plan_ != nullptr && PhaseOfEpoch(join.epoch) != phase_) {
+    RETURN_IF_ERROR(EnterPhase(PhaseOfEpoch(join.epoch), /*copy_state=*/false));
+  }
+  return UnflattenState(join.state);
+}
+
+absl::Status Trainer::ServeJoiners(int64_t epoch, int64_t step_in_epoch, int64_t step,
+                                   double best) {
+  // The engine keeps the live state on its device; the host copy is refreshed first.
+  if (engine_ != nullptr) RETURN_IF_ERROR(engine_->PullState());
+  comm::JoinState state;
+  state.donor = rank_;
+  state.epoch = epoch;
+  state.step = step;
+  state.step_in_epoch = step_in_epoch;
+  state.best_test_accuracy = best;
+  state.state = FlattenState();
+  return comm_->Handover(state);
+}
+
 absl::Status Trainer::SyncInitialState(int64_t epoch, int64_t step) {
   if (world_size_ == 1) return absl::OkStatus();
   // The same progress everywhere (a checkpoint directory that is not shared would break this).
@@ -287,21 +348,9 @@ absl::Status Trainer::SyncInitialState(int64_t epoch, int64_t step) {
       }
     }
   }
-  std::vector<float> flat;
-  auto append = [&flat](const nn::Tensor& t) { flat.insert(flat.end(), t.data(), t.data() + t.size()); };
-  for (const nn::Parameter* p : params_) append(p->value);
-  for (const nn::Buffer* b : buffers_) append(b->value);
-  for (const nn::Tensor& m : sgd_->momentum()) append(m);
+  std::vector<float> flat = FlattenState();
   RETURN_IF_ERROR(comm_->Broadcast(flat, 0));
-  size_t at = 0;
-  auto extract = [&flat, &at](nn::Tensor& t) {
-    std::copy(flat.begin() + at, flat.begin() + at + t.size(), t.data());
-    at += t.size();
-  };
-  for (nn::Parameter* p : params_) extract(p->value);
-  for (nn::Buffer* b : buffers_) extract(b->value);
-  for (nn::Tensor& m : sgd_->momentum()) extract(m);
-  return absl::OkStatus();
+  return UnflattenState(flat);
 }
 
 absl::Status Trainer::AverageBuffers(const std::vector<nn::Buffer*>& buffers) {
@@ -586,13 +635,6 @@ absl::StatusOr<TrainSummary> Trainer::Run() {
                    data::ShardedSampler::Create(train.size(), rank_, world_size_, options_.seed));
   ASSIGN_OR_RETURN(MetricsLog metrics,
                    MetricsLog::Open(rank_ == 0 ? options_.metrics_path : std::string()));
-  int64_t start_epoch = 0, step = 0;
-  double best = 0;
-  RETURN_IF_ERROR(MaybeResume(&start_epoch, &step, &best));
-  comm_->SetStep(step);
-  RETURN_IF_ERROR(RankError(SyncInitialState(start_epoch, step), step));
-  if (engine_ != nullptr) RETURN_IF_ERROR(engine_->PushState());
-
   int64_t steps_per_epoch = sampler.BatchesPerEpoch(options_.batch_size);
   if (options_.max_steps_per_epoch > 0) {
     steps_per_epoch = std::min(steps_per_epoch, options_.max_steps_per_epoch);
@@ -602,6 +644,31 @@ absl::StatusOr<TrainSummary> Trainer::Run() {
                                                    " examples) gives no batch of size ",
                                                    options_.batch_size));
   }
+  int64_t start_epoch = 0, step = 0, start_batch = 0;
+  double best = 0;
+  // A worker that joins a running job (a restarted PS worker) starts where its peers are, from
+  // a live peer's state; everyone else from step 0 or the checkpoint, with rank 0's state.
+  absl::StatusOr<std::optional<comm::JoinState>> join = comm_->JoinRunningJob();
+  if (!join.ok()) return RankError(join.status(), step);
+  if (join->has_value()) {
+    const comm::JoinState& j = **join;
+    RETURN_IF_ERROR(RankError(ApplyJoinState(j, steps_per_epoch), j.step));
+    start_epoch = j.epoch;
+    step = j.step;
+    start_batch = j.step_in_epoch;
+    best = j.best_test_accuracy;
+    // A warning: ranks other than 0 log only warnings, and a rejoin is a fault's recovery.
+    QTRAIN_LOG(WARNING) << "rank " << rank_ << " rejoined the running job at epoch " << start_epoch
+                     << ", step " << step << " (batch " << start_batch << " of the epoch) with "
+                     << "the weights, buffers and momentum of rank " << j.donor
+                     << "; its error-feedback residuals start at zero";
+    comm_->SetStep(step);
+  } else {
+    RETURN_IF_ERROR(MaybeResume(&start_epoch, &step, &best));
+    comm_->SetStep(step);
+    RETURN_IF_ERROR(RankError(SyncInitialState(start_epoch, step), step));
+  }
+  if (engine_ != nullptr) RETURN_IF_ERROR(engine_->PushState());
   int64_t param_elements = 0;
   for (const nn::Parameter* p : params_) param_elements += p->value.size();
   ProgressLine progress(options_.progress);
@@ -631,7 +698,11 @@ absl::StatusOr<TrainSummary> Trainer::Run() {
     double epoch_compute = 0;
     int64_t epoch_steps = 0;
     Timer log_timer;
-    for (int64_t b = 0; b < steps_per_epoch; ++b) {
+    for (int64_t b = epoch == start_epoch ? start_batch : 0; b < steps_per_epoch; ++b) {
+      if (comm_->HandoverRequested()) {
+        // A joining worker waits for this state (the communication thread is idle here).
+        RETURN_IF_ERROR(RankError(ServeJoiners(epoch, b, step, best), step));
+      }
       if (rank_ == options_.stall_rank_for_testing && step == options_.stall_step_for_testing) {
         std::fprintf(stderr, "qtrain: rank %d stalling at step %lld for %.0f s (test only)\n",
                      rank_, static_cast<long long>(step), options_.stall_seconds_for_testing);

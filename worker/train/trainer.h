@@ -13,6 +13,16 @@
 //   - Start (and after --resume): rank 0's parameters, buffers and momentum are broadcast to
 //     every rank, so all start from the same bits even if their initializations differed, and
 //     the ranks check that they resumed at the same epoch and step.
+//   - Joining a running job (Communicator::JoinRunningJob; today a restarted parameter-server
+//     worker): instead of the broadcast (and of --resume), the worker takes a live peer's
+//     parameters, buffers and momentum at a step boundary and starts at that peer's epoch, step
+//     and batch within the epoch, so its sampler gives it its own disjoint shard of the batches
+//     its peers are at (the augmentation stream of that epoch restarts, which only changes its
+//     own gradients). Its error-feedback residuals start at zero. The position must fit this
+//     run's flags (epochs, steps per epoch), else FAILED_PRECONDITION. Every rank checks
+//     Communicator::HandoverRequested before each step and, when asked, hands its state over
+//     (ServeJoiners). The joiner then applies the same averaged updates as its peers and ends
+//     with the same weights; its batch-norm statistics join theirs at the next epoch end.
 //   - Batch-norm running statistics (buffers) are not gradients: each rank's follow its own
 //     shard. At each epoch end, before evaluation and checkpointing, they are averaged across
 //     ranks (exactly, in double, through AllReduceSum), so every rank evaluates and saves the
@@ -48,6 +58,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -219,6 +230,15 @@ class Trainer {
   void MaybeRestoreResiduals(int64_t epoch, int64_t step);
   // Rank 0's parameters, buffers and momentum to every rank; checks all agree on the progress.
   absl::Status SyncInitialState(int64_t epoch, int64_t step);
+  // Parameters, buffers and momentum as one vector (in CollectParameters / CollectBuffers
+  // order), and back (FAILED_PRECONDITION when the size is not this model's).
+  std::vector<float> FlattenState() const;
+  absl::Status UnflattenState(std::span<const float> flat);
+  // A joining worker: checks the job's position against this run's flags, enters its phase and
+  // takes the donor's state.
+  absl::Status ApplyJoinState(const comm::JoinState& join, int64_t steps_per_epoch);
+  // A donor: hands this worker's state at the boundary before `step` to the joining workers.
+  absl::Status ServeJoiners(int64_t epoch, int64_t step_in_epoch, int64_t step, double best);
   // Averages `buffers` (batch-norm running statistics) across ranks.
   absl::Status AverageBuffers(const std::vector<nn::Buffer*>& buffers);
   // Guided training with a non-identity communicator: averages the full-precision twin's

@@ -1,5 +1,5 @@
 // ServerCore without a network: synchronous rounds, deadlines, heartbeat drop and rejoin,
-// asynchronous staleness, the auxiliary collectives, checkpoint and restore, and malformed
+// a new process joining a job in progress (the state handover), asynchronous staleness, the auxiliary collectives, checkpoint and restore, and malformed
 // requests that must be refused with the right code and change nothing.
 #include "server/ps_core.h"
 
@@ -61,6 +61,69 @@ struct Fixture {
     absl::Status s = core->Pull(r, &response);
     if (!s.ok()) return s;
     return response;
+  }
+
+  // A new process's registration (RegisterRequest.joining).
+  absl::StatusOr<pb::RegisterResponse> RegisterJoining(int id, const std::string& codec) {
+    pb::RegisterRequest r;
+    r.set_token("t");
+    r.set_worker_id(id);
+    r.set_num_shards(1);
+    r.set_codec_spec(codec);
+    r.set_joining(true);
+    pb::RegisterResponse response;
+    absl::Status s = core->Register(r, &response);
+    if (!s.ok()) return s;
+    return response;
+  }
+
+  absl::StatusOr<pb::JoinResponse> Join(int id, uint32_t piece = 0) {
+    pb::JoinRequest r;
+    r.set_token("t");
+    r.set_worker_id(id);
+    r.set_piece(piece);
+    pb::JoinResponse response;
+    absl::Status s = core->Join(r, &response);
+    if (!s.ok()) return s;
+    return response;
+  }
+
+  absl::Status Handover(int donor, int joiner, uint32_t piece, uint32_t pieces,
+                        const std::string& data) {
+    pb::HandoverRequest r;
+    r.set_token("t");
+    r.set_worker_id(donor);
+    r.set_joiner(joiner);
+    r.set_piece(piece);
+    r.set_pieces(pieces);
+    r.set_data(data);
+    pb::HandoverResponse response;
+    return core->Handover(r, &response);
+  }
+
+  absl::Status Heartbeat(int id) {
+    pb::HeartbeatRequest r;
+    r.set_token("t");
+    r.set_worker_id(id);
+    pb::HeartbeatResponse response;
+    return core->Heartbeat(r, &response);
+  }
+
+  absl::Status Leave(int id) {
+    pb::LeaveRequest r;
+    r.set_token("t");
+    r.set_worker_id(id);
+    pb::LeaveResponse response;
+    return core->Leave(r, &response);
+  }
+
+  // Silences `gone` past the heartbeat timeout while the others stay fresh; Tick drops it.
+  void Drop(int gone, int workers) {
+    now += 11;
+    for (int id = 0; id < workers; ++id) {
+      if (id != gone) (void)Heartbeat(id);
+    }
+    core->Tick();
   }
 
   pb::StatusResponse Status() {
@@ -585,6 +648,165 @@ TEST(ServerCoreTest, TornJournalTailIsDroppedDamageIsDataLoss) {
   }
   EXPECT_THAT(ServerCore::Create(o), StatusIs(absl::StatusCode::kDataLoss, HasSubstr("journal")));
   std::filesystem::remove_all(dir);
+}
+
+TEST(ServerCoreTest, JoiningWorkerTakesALiveWorkersStateAndJoinsAtItsFirstAcceptedPush) {
+  Fixture f(Options("fp32", 3));
+  for (int id = 0; id < 3; ++id) ASSERT_THAT(f.Register(id, "fp32"), IsOk());
+  for (int id = 0; id < 3; ++id) ASSERT_THAT(f.Push(MakePush("fp32", id, 0, 0, {1, 2})), IsOk());
+  ASSERT_TRUE(f.Pull(0, 0)->ready());
+  f.Drop(2, 3);  // worker 2's process was killed
+  EXPECT_EQ(f.Status().live(), 2);
+  // Its restarted process registers into the running job: joining, not in the quorum.
+  auto reg = f.RegisterJoining(2, "fp32");
+  ASSERT_THAT(reg, IsOk());
+  EXPECT_TRUE(reg->in_progress());
+  EXPECT_EQ(reg->live(), 2);
+  ASSERT_THAT(f.Heartbeat(2), IsOk());
+  // Rounds do not wait for it.
+  ASSERT_THAT(f.Push(MakePush("fp32", 0, 1, 0, {2, 2})), IsOk());
+  ASSERT_THAT(f.Push(MakePush("fp32", 1, 1, 0, {4, 4})), IsOk());
+  auto round1 = f.Pull(0, 1);
+  ASSERT_TRUE(round1->ready());
+  EXPECT_EQ(round1->contributors(), 2);
+  // It asks for the state: the lowest live worker is the donor and learns it from its pulls.
+  auto join = f.Join(2);
+  ASSERT_THAT(join, IsOk());
+  EXPECT_FALSE(join->ready());
+  EXPECT_EQ(join->donor(), 0);
+  EXPECT_THAT(f.Pull(0, 1)->handover_to(), ::testing::ElementsAre(2));
+  EXPECT_TRUE(f.Pull(1, 1)->handover_to().empty());
+  // Only the donor may upload, and only for a joiner that waits.
+  const uint64_t before = f.Status().state_hash();
+  EXPECT_THAT(f.Handover(1, 2, 0, 1, "x"),
+              StatusIs(absl::StatusCode::kFailedPrecondition, HasSubstr("BAD_REQUEST")));
+  EXPECT_THAT(f.Handover(0, 1, 0, 1, "x"), StatusIs(absl::StatusCode::kFailedPrecondition));
+  EXPECT_EQ(f.Status().state_hash(), before);
+  ASSERT_THAT(f.Handover(0, 2, 0, 2, "first,"), IsOk());
+  EXPECT_FALSE(f.Join(2)->ready());  // one piece of two
+  EXPECT_THAT(f.Handover(0, 2, 1, 3, "bad"),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("pieces")));
+  ASSERT_THAT(f.Handover(0, 2, 1, 2, "second"), IsOk());
+  EXPECT_TRUE(f.Pull(0, 1)->handover_to().empty());  // served
+  auto piece0 = f.Join(2, 0);
+  auto piece1 = f.Join(2, 1);
+  ASSERT_THAT(piece0, IsOk());
+  ASSERT_THAT(piece1, IsOk());
+  ASSERT_TRUE(piece0->ready());
+  EXPECT_EQ(piece0->pieces(), 2u);
+  EXPECT_EQ(piece0->data() + piece1->data(), "first,second");
+  EXPECT_THAT(f.Join(2, 2), StatusIs(absl::StatusCode::kInvalidArgument));
+  // Catching up: a closed round is STALE_STEP (it pulls the result), and it stays joining.
+  EXPECT_THAT(f.Push(MakePush("fp32", 2, 1, 0, {9, 9})),
+              StatusIs(absl::StatusCode::kFailedPrecondition, HasSubstr("STALE_STEP")));
+  EXPECT_EQ(f.Pull(2, 1)->SerializeAsString(), round1->SerializeAsString());
+  EXPECT_EQ(f.Status().live(), 2);
+  // Its first accepted push (the open round) puts it in the quorum: the round waits for all 3.
+  ASSERT_THAT(f.Push(MakePush("fp32", 2, 2, 0, {3, 3})), IsOk());
+  EXPECT_EQ(f.Status().live(), 3);
+  ASSERT_THAT(f.Push(MakePush("fp32", 0, 2, 0, {3, 3})), IsOk());
+  EXPECT_FALSE(f.Pull(0, 2)->ready());
+  ASSERT_THAT(f.Push(MakePush("fp32", 1, 2, 0, {6, 6})), IsOk());
+  auto round2 = f.Pull(2, 2);
+  ASSERT_TRUE(round2->ready());
+  EXPECT_EQ(round2->contributors(), 3);
+  EXPECT_EQ(Decode(*round2, 2), (std::vector<float>{4, 4}));
+  // In the quorum now: no more state to ask for.
+  EXPECT_THAT(f.Join(2), StatusIs(absl::StatusCode::kFailedPrecondition));
+}
+
+TEST(ServerCoreTest, ANewProcessWaitsUntilTheOldOneIsDropped) {
+  Fixture f(Options("fp32", 2));
+  ASSERT_THAT(f.Register(0, "fp32"), IsOk());
+  ASSERT_THAT(f.Register(1, "fp32"), IsOk());
+  const uint64_t before = f.Status().state_hash();
+  EXPECT_THAT(f.RegisterJoining(1, "fp32"),
+              StatusIs(absl::StatusCode::kFailedPrecondition, HasSubstr("WORKER_LIVE")));
+  EXPECT_EQ(f.Status().state_hash(), before);
+  EXPECT_EQ(f.Status().live(), 2);
+  f.Drop(1, 2);
+  auto reg = f.RegisterJoining(1, "fp32");
+  ASSERT_THAT(reg, IsOk());
+  EXPECT_TRUE(reg->in_progress());
+}
+
+TEST(ServerCoreTest, JoiningBeforeTheJobStartedIsAnOrdinaryRegistration) {
+  Fixture f(Options("fp32", 2));
+  auto reg = f.RegisterJoining(0, "fp32");  // every fresh process registers `joining`
+  ASSERT_THAT(reg, IsOk());
+  EXPECT_FALSE(reg->in_progress());
+  EXPECT_EQ(reg->live(), 1);
+  auto second = f.RegisterJoining(1, "fp32");
+  ASSERT_THAT(second, IsOk());
+  EXPECT_FALSE(second->in_progress());
+  EXPECT_EQ(second->live(), 2);
+  EXPECT_THAT(f.Join(0), StatusIs(absl::StatusCode::kFailedPrecondition));  // not joining
+}
+
+TEST(ServerCoreTest, AnAssignedIdReplacesAGoneWorker) {
+  Fixture f(Options("fp32", 3));
+  for (int id = 0; id < 3; ++id) ASSERT_THAT(f.Register(id, "fp32"), IsOk());
+  EXPECT_THAT(f.RegisterJoining(-1, "fp32"),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("every id is taken")));
+  f.Drop(1, 3);
+  auto reg = f.RegisterJoining(-1, "fp32");
+  ASSERT_THAT(reg, IsOk());
+  EXPECT_EQ(reg->worker_id(), 1);
+  EXPECT_TRUE(reg->in_progress());
+  EXPECT_EQ(reg->world_size(), 3);  // the world never grows
+}
+
+TEST(ServerCoreTest, AGoneDonorIsReplacedAndWithoutOneJoinFails) {
+  Fixture f(Options("fp32", 3));
+  for (int id = 0; id < 3; ++id) ASSERT_THAT(f.Register(id, "fp32"), IsOk());
+  f.Drop(2, 3);
+  ASSERT_THAT(f.RegisterJoining(2, "fp32"), IsOk());
+  EXPECT_EQ(f.Join(2)->donor(), 0);
+  ASSERT_THAT(f.Handover(0, 2, 0, 2, "half"), IsOk());
+  ASSERT_THAT(f.Leave(0), IsOk());  // gone before it finished: worker 1 starts over
+  EXPECT_EQ(f.Join(2)->donor(), 1);
+  EXPECT_THAT(f.Handover(0, 2, 1, 2, "x"), StatusIs(absl::StatusCode::kFailedPrecondition));
+  EXPECT_FALSE(f.Join(2)->ready());
+  EXPECT_THAT(f.Pull(1, 0)->handover_to(), ::testing::ElementsAre(2));
+  ASSERT_THAT(f.Leave(1), IsOk());
+  EXPECT_THAT(f.Join(2), StatusIs(absl::StatusCode::kFailedPrecondition, HasSubstr("NO_DONOR")));
+}
+
+TEST(ServerCoreTest, MalformedHandoversAreRefusedAndChangeNothing) {
+  ServerCoreOptions o = Options("fp32", 2);
+  o.max_message_bytes = 4096;
+  Fixture f(o);
+  ASSERT_THAT(f.Register(0, "fp32"), IsOk());
+  ASSERT_THAT(f.Register(1, "fp32"), IsOk());
+  f.Drop(1, 2);
+  ASSERT_THAT(f.RegisterJoining(1, "fp32"), IsOk());
+  ASSERT_THAT(f.Join(1), IsOk());
+  const uint64_t before = f.Status().state_hash();
+  EXPECT_THAT(f.Handover(0, 1, 0, 0, "x"), StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(f.Handover(0, 1, 2, 2, "x"), StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(f.Handover(0, 1, 0, 1, std::string(4097, 'x')),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("exceeds")));
+  EXPECT_THAT(f.Handover(5, 1, 0, 1, "x"),
+              StatusIs(absl::StatusCode::kFailedPrecondition, HasSubstr("NOT_REGISTERED")));
+  pb::HandoverRequest bad_token;
+  bad_token.set_token("wrong");
+  pb::HandoverResponse response;
+  EXPECT_THAT(f.core->Handover(bad_token, &response),
+              StatusIs(absl::StatusCode::kUnauthenticated));
+  EXPECT_EQ(f.Status().state_hash(), before);
+}
+
+TEST(ServerCoreTest, ASilentJoinerIsDroppedAndForgotten) {
+  Fixture f(Options("fp32", 2));
+  ASSERT_THAT(f.Register(0, "fp32"), IsOk());
+  ASSERT_THAT(f.Register(1, "fp32"), IsOk());
+  f.Drop(1, 2);
+  ASSERT_THAT(f.RegisterJoining(1, "fp32"), IsOk());
+  ASSERT_THAT(f.Join(1), IsOk());
+  EXPECT_FALSE(f.Pull(0, 0)->handover_to().empty());
+  f.Drop(1, 2);
+  EXPECT_THAT(f.Join(1), StatusIs(absl::StatusCode::kFailedPrecondition, HasSubstr("NOT_REGISTERED")));
+  EXPECT_TRUE(f.Pull(0, 0)->handover_to().empty());
 }
 
 TEST(ServerCoreTest, BadOptions) {

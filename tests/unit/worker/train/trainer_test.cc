@@ -3,6 +3,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <optional>
 
 #include "common/testing/status_matchers.h"
 #include "gmock/gmock.h"
@@ -18,6 +19,51 @@ namespace {
 using ::qtrain::testing::IsOk;
 using ::qtrain::testing::StatusIs;
 using ::testing::HasSubstr;
+
+// A LocalCommunicator that also plays the parameter server's part in joining a running job:
+// HandoverRequested is true at the top of step `handover_step` of a run from step 0 (the trainer
+// asks once per step), Handover keeps the state, and JoinRunningJob returns `join`.
+class JoiningCommunicator final : public comm::Communicator {
+ public:
+  comm::Communicator* inner = nullptr;
+  int64_t handover_step = -1;
+  std::optional<comm::JoinState> join;
+  std::optional<comm::JoinState> handed;
+
+  int rank() const override { return inner->rank(); }
+  int world_size() const override { return inner->world_size(); }
+  std::string Describe() const override { return inner->Describe(); }
+  void SetStep(int64_t step) override { inner->SetStep(step); }
+  bool IsIdentity() const override { return inner->IsIdentity(); }
+  absl::Status AllReduceMean(std::string_view key, std::span<float> data,
+                             comm::StepStats* stats) override {
+    return inner->AllReduceMean(key, data, stats);
+  }
+  absl::Status Broadcast(std::span<float> data, int root) override {
+    return inner->Broadcast(data, root);
+  }
+  absl::Status AllReduceSum(std::span<double> values) override { return inner->AllReduceSum(values); }
+  absl::StatusOr<std::vector<uint64_t>> AllGatherU64(uint64_t value) override {
+    return inner->AllGatherU64(value);
+  }
+  absl::Status Barrier() override { return inner->Barrier(); }
+  std::vector<std::string> ResidualKeys() const override { return inner->ResidualKeys(); }
+  std::span<const float> Residual(std::string_view key) const override {
+    return inner->Residual(key);
+  }
+  absl::Status SetResidual(std::string_view key, std::span<const float> values) override {
+    return inner->SetResidual(key, values);
+  }
+  absl::StatusOr<std::optional<comm::JoinState>> JoinRunningJob() override { return join; }
+  bool HandoverRequested() const override { return asked_++ == handover_step; }
+  absl::Status Handover(const comm::JoinState& state) override {
+    handed = state;
+    return absl::OkStatus();
+  }
+
+ private:
+  mutable int64_t asked_ = 0;
+};
 
 class TrainerTest : public ::testing::Test {
  protected:
@@ -38,7 +84,8 @@ class TrainerTest : public ::testing::Test {
     std::vector<float> weights;
   };
 
-  Run Train(const std::string& model_name, TrainerOptions options) {
+  Run Train(const std::string& model_name, TrainerOptions options,
+            JoiningCommunicator* joining = nullptr) {
     Run run;
     nn::ModelSpec spec{model_name, {1, 8, 8}, 4, 11};
     auto model = nn::BuildModel(spec);
@@ -48,8 +95,13 @@ class TrainerTest : public ::testing::Test {
     kernels::CpuContext cpu;  // single-threaded: bit-reproducible
     auto comm = comm::LocalCommunicator::Create({});
     EXPECT_THAT(comm, IsOk());
+    comm::Communicator* communicator = comm->get();
+    if (joining != nullptr) {
+      joining->inner = communicator;
+      communicator = joining;
+    }
     auto trainer = Trainer::Create(run.model.get(), ModelInfo{model_name, {1, 8, 8}, 4}, &data_,
-                                   data::AugmentOptions{}, options, cpu, comm->get());
+                                   data::AugmentOptions{}, options, cpu, communicator);
     if (!trainer.ok()) {  // some tests expect this
       run.summary = trainer.status();
       return run;
@@ -126,6 +178,56 @@ TEST_F(TrainerTest, ResumeContinuesExactlyWhereTheRunStopped) {
   ASSERT_EQ(resumed.weights.size(), straight.weights.size());
   EXPECT_EQ(0, std::memcmp(resumed.weights.data(), straight.weights.data(),
                            4 * resumed.weights.size()));
+}
+
+// A worker that joins a running job mid-epoch (Communicator::JoinRunningJob) with a peer's
+// state at a step boundary continues exactly as the peer: same batches (sampler position),
+// same learning rate, same momentum, so one process here ends with the peer's weights bit for
+// bit (with world size 1 the "peer" is the first run; the learning rate decays by default, so
+// the step's position within the run matters).
+TEST_F(TrainerTest, JoiningAtAPeersStepBoundaryEndsWithThePeersWeights) {
+  JoiningCommunicator donor;
+  donor.handover_step = 20;  // 16 steps an epoch: epoch 1, batch 4
+  Run full = Train("cnn", Options(2), &donor);
+  ASSERT_THAT(full.summary, IsOk());
+  ASSERT_TRUE(donor.handed.has_value());
+  EXPECT_EQ(donor.handed->epoch, 1);
+  EXPECT_EQ(donor.handed->step, 20);
+  EXPECT_EQ(donor.handed->step_in_epoch, 4);
+  EXPECT_EQ(donor.handed->donor, 0);
+
+  JoiningCommunicator joiner;
+  joiner.join = donor.handed;
+  Run joined = Train("cnn", Options(2), &joiner);
+  ASSERT_THAT(joined.summary, IsOk());
+  EXPECT_EQ(joined.summary->steps, full.summary->steps);
+  EXPECT_EQ(joined.summary->epochs_run, 1);
+  EXPECT_EQ(joined.summary->weights_hash, full.summary->weights_hash);  // buffers too
+  ASSERT_EQ(joined.weights.size(), full.weights.size());
+  EXPECT_EQ(0, std::memcmp(joined.weights.data(), full.weights.data(), 4 * full.weights.size()));
+}
+
+TEST_F(TrainerTest, JoiningRefusesAPositionOrStateThatDoesNotFitThisRun) {
+  JoiningCommunicator donor;
+  donor.handover_step = 3;
+  ASSERT_THAT(Train("mlp", Options(1), &donor).summary, IsOk());
+  ASSERT_TRUE(donor.handed.has_value());
+
+  JoiningCommunicator inconsistent;  // step is not epoch * steps_per_epoch + batch
+  inconsistent.join = donor.handed;
+  inconsistent.join->step = 7;
+  EXPECT_THAT(Train("mlp", Options(1), &inconsistent).summary,
+              StatusIs(absl::StatusCode::kFailedPrecondition, HasSubstr("same flags")));
+  JoiningCommunicator past_the_end;  // the job has more epochs than this run
+  past_the_end.join = donor.handed;
+  past_the_end.join->epoch = 1;
+  past_the_end.join->step = 16 + 3;
+  EXPECT_THAT(Train("mlp", Options(1), &past_the_end).summary,
+              StatusIs(absl::StatusCode::kFailedPrecondition));
+  JoiningCommunicator other_model;  // the state of another model
+  other_model.join = donor.handed;
+  EXPECT_THAT(Train("cnn", Options(1), &other_model).summary,
+              StatusIs(absl::StatusCode::kFailedPrecondition, HasSubstr("floats")));
 }
 
 TEST_F(TrainerTest, ResumeRefusesAnotherModelAndCorruptFiles) {
