@@ -7,9 +7,11 @@
 # the measured steps/s beside the link-rate bound of the same run,
 #   bound = rate / (8 x max(bytes the server receives per step, bytes it sends per step)),
 # with the bytes counted by the workers (serialized EncodedTensor of every push and update), and
-# the fraction. It also reads the server link's own counters (the bridge port of host 1: every
-# byte on the wire, TCP/IP/HTTP2 framing included) and the CPU seconds of qserver and of the
-# workers, to say which resource limits the run. Run as root.
+# the fraction. It also reads the server link's own counters (the bytes its tbf token buckets
+# charged, every segment's TCP/IP headers and the HTTP/2 framing included: about 5% over the
+# payload, so ~95% of the bound is the most a run can show) and the CPU seconds per step of
+# qserver and of the workers, and from them the cores that running at the bound would need, to
+# say which resource limits the run. Run as root.
 #
 #   bash deploy/ps-bandwidth-bench.sh [--rates "1gbit 200mbit"] [--workers 8] [--params 25000000]
 #        [--codec onebit] [--bucket_elements 1048576] [--inflight 4] [--steps 20] [--warmup 3]
@@ -100,9 +102,16 @@ trap cleanup EXIT
 
 # CPU seconds (user + system) of a process so far.
 cpu_of() { awk -v hz="$(getconf CLK_TCK)" '{ print ($14 + $15) / hz }' "/proc/$1/stat" 2>/dev/null || echo 0; }
-# CPU seconds of this shell's exited and waited-for children (the workers, once waited).
-children_cpu() { awk -v hz="$(getconf CLK_TCK)" '{ print ($16 + $17) / hz }' "/proc/$$/stat"; }
-stat_of() { cat "/sys/class/net/$veth$1/statistics/$2_bytes"; }
+# Bytes the server link's token buckets have let through: "in" is the tbf on the bridge port of
+# host 1 (what the server receives), "out" the tbf on eth0 inside host 1 (what it sends). tbf
+# charges every TCP segment with its headers, so these are the bytes the rate applies to.
+tbf_sent() {
+  local -a tc_cmd=(tc)
+  [ "$1" = out ] && tc_cmd=(ip netns exec "${ns}1" tc)
+  local dev=$veth"1"
+  [ "$1" = out ] && dev=eth0
+  "${tc_cmd[@]}" -s qdisc show dev "$dev" | awk '$1 == "qdisc" && $2 == "tbf" { t = 1 } t && $1 == "Sent" { print $2; exit }'
+}
 
 summary=$out/summary.txt
 {
@@ -110,8 +119,8 @@ summary=$out/summary.txt
   echo "$params parameters, codec $codec, buckets of $bucket_elements, $inflight lanes per worker,"
   echo "$steps steps ($warmup untimed); $(nproc) CPUs."
   echo
-  echo "| link | run | load | steps/s | bound | of bound | server in / out (Mbit/s) | wire in / out per step (MB) | qserver cores | workers cores |"
-  echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+  echo "| link | run | load | steps/s | bound | of bound | server in / out (Mbit/s) | tbf in / out per step (MB) | qserver CPU s/step | workers CPU s/step | cores at bound |"
+  echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
 } >"$summary"
 cat "$summary"
 
@@ -136,12 +145,9 @@ for rate in $rates; do
       sleep 0.05
     done
     [ -s "$dir/server.port" ] || { tail -n 20 "$dir/server.log" >&2; die "qserver did not start"; }
-    # The server's link, seen from its bridge port: tx = what the server receives, rx = what it sends.
-    in0=$(stat_of 1 tx)
-    out0=$(stat_of 1 rx)
+    in0=$(tbf_sent in)
+    out0=$(tbf_sent out)
     cpu0=$(cpu_of "$spid")
-    children0=$(children_cpu)
-    start=$(date +%s.%N)
     wpids=()
     for w in $(seq 0 $((workers - 1))); do
       ip netns exec "${ns}$((w + 2))" "$bench" --ps="$server_addr:7070" --token="$token" \
@@ -163,32 +169,31 @@ for rate in $rates; do
         tail -n 5 "$dir/worker$i.log" >&2
       fi
     done
-    wall=$(awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN { print b - a }')
-    children1=$(children_cpu)
     cpu1=$(cpu_of "$spid")
-    in1=$(stat_of 1 tx)
-    out1=$(stat_of 1 rx)
+    in1=$(tbf_sent in)
+    out1=$(tbf_sent out)
     kill -TERM "$spid" 2>/dev/null || true
     wait "$spid" 2>/dev/null || true
     pids=()
     if [ $rc -ne 0 ]; then
       status=1
-      echo "| $rate | $run | $load | failed (exit $rc, see $dir) | | | | | | |" | tee -a "$summary"
+      echo "| $rate | $run | $load | failed (exit $rc, see $dir) | | | | | | | |" | tee -a "$summary"
       continue
     fi
     result=$(grep '^RESULT ' "$dir/worker0.log" || true)
     [ -n "$result" ] || { status=1; echo "no RESULT line in $dir/worker0.log" >&2; continue; }
     get() { sed -n "s/.* $1=\([^ ]*\).*/\1/p" <<<"$result"; }
-    # CPU: cores busy on average over the whole run (start-up and warm-up included).
+    # CPU per step: qserver's over the whole run (it idles while the workers start), the
+    # workers' in their timed windows (from ps_load_bench); "cores at bound" is the CPU that
+    # running at the link-rate bound would take, to compare with the CPUs the machine has free.
     awk -v rate="$rate" -v run="$run" -v load="$load" -v sps="$(get steps_per_s)" \
         -v bound="$(get bound_steps_per_s)" -v frac="$(get fraction)" \
         -v inm="$(get in_mbit_s)" -v outm="$(get out_mbit_s)" -v steps="$steps" \
-        -v win=$((in1 - in0)) -v wout=$((out1 - out0)) -v wall="$wall" \
-        -v scpu="$(awk -v a="$cpu0" -v b="$cpu1" 'BEGIN { print b - a }')" \
-        -v wcpu="$(awk -v a="$children0" -v b="$children1" 'BEGIN { print b - a }')" 'BEGIN {
-      printf "| %s | %d | %s | %.3f | %.3f | %.1f%% | %.0f / %.0f | %.2f / %.2f | %.2f | %.2f |\n",
+        -v win=$((in1 - in0)) -v wout=$((out1 - out0)) -v wcpu="$(get workers_cpu_s_per_step)" \
+        -v scpu="$(awk -v a="$cpu0" -v b="$cpu1" 'BEGIN { print b - a }')" 'BEGIN {
+      printf "| %s | %d | %s | %.3f | %.3f | %.1f%% | %.0f / %.0f | %.2f / %.2f | %.3f | %.3f | %.2f |\n",
         rate, run, load, sps, bound, 100 * frac, inm, outm, win / steps / 1e6, wout / steps / 1e6,
-        scpu / wall, wcpu / wall }' | tee -a "$summary"
+        scpu / steps, wcpu, (scpu / steps + wcpu) * bound }' | tee -a "$summary"
   done
   bash "$here/netns-cluster.sh" down >/dev/null
 done

@@ -47,6 +47,7 @@
 #include <cmath>
 #include <condition_variable>
 #include <cstdio>
+#include <ctime>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -93,6 +94,13 @@ using Clock = std::chrono::steady_clock;
 
 double SecondsSince(Clock::time_point t) {
   return std::chrono::duration<double>(Clock::now() - t).count();
+}
+
+// CPU seconds (user + system) of this process so far, all threads.
+double ProcessCpuSeconds() {
+  timespec t{};
+  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &t);
+  return static_cast<double>(t.tv_sec) + 1e-9 * static_cast<double>(t.tv_nsec);
 }
 
 struct Options {
@@ -195,6 +203,7 @@ class Worker {
   // Runs every lane to the end. `start` is when timing may begin (all workers registered).
   absl::Status Run(Clock::time_point start) {
     window_start_ = start;
+    cpu_start_ = ProcessCpuSeconds();
     const int64_t total = static_cast<int64_t>(buckets_.size());
     warmup_rounds_ = o_.warmup_steps * total;
     all_rounds_ = o_.steps * total;
@@ -211,6 +220,8 @@ class Worker {
   double window_seconds() const {
     return std::chrono::duration<double>(window_end_ - window_start_).count();
   }
+  // CPU seconds of the whole process during this worker's timed window.
+  double window_cpu_seconds() const { return cpu_end_ - cpu_start_; }
 
   // The checks of the file comment, on the last pulled update of every bucket.
   absl::Status Verify(const comm::BucketCodec& codec) const {
@@ -349,8 +360,14 @@ class Worker {
           last = update;  // step 0: the size reference; the last step: verified after timing
         }
         const int64_t done = counters_.rounds_done.fetch_add(1) + 1;
-        if (done == warmup_rounds_ && o_.warmup_steps > 0) window_start_ = Clock::now();
-        if (done == all_rounds_) window_end_ = Clock::now();
+        if (done == warmup_rounds_ && o_.warmup_steps > 0) {
+          window_start_ = Clock::now();
+          cpu_start_ = ProcessCpuSeconds();
+        }
+        if (done == all_rounds_) {
+          window_end_ = Clock::now();
+          cpu_end_ = ProcessCpuSeconds();
+        }
       }
     }
     return absl::OkStatus();
@@ -363,6 +380,7 @@ class Worker {
   Counters counters_;
   // Written by the lane that completes the round in question; read after the lanes are joined.
   Clock::time_point window_start_, window_end_;
+  double cpu_start_ = 0, cpu_end_ = 0;
   int64_t warmup_rounds_ = 0;
   int64_t all_rounds_ = 0;
   std::vector<pb::EncodedTensor> last_;  // per bucket: each index written by one lane only
@@ -516,11 +534,13 @@ absl::Status Run(const Options& o) {
     const double rate = timed / seconds;
     const double up = static_cast<double>(c.up_wire.load()) / o.steps;
     const double down = static_cast<double>(c.down_wire.load()) / o.steps;
+    // This worker's share of its process's CPU in the timed window, per timed step.
+    const double cpu = w->window_cpu_seconds() / o.local_workers / timed;
     std::printf(
         "ps_load_bench: worker %d: %d steps (%d timed) in %.3f s = %.3f steps/s; up "
         "%llu bytes (payload %llu), down %llu bytes (payload %llu); per step up %s MB, "
         "down %s MB; goodput up %.1f Mbit/s, down %.1f Mbit/s; %llu pushes, %llu "
-        "repeated, %llu stale, %llu polls\n",
+        "repeated, %llu stale, %llu polls; %.3f CPU s per step (its process / local workers)\n",
         w->id(), o.steps, timed, seconds, rate, static_cast<unsigned long long>(c.up_wire.load()),
         static_cast<unsigned long long>(c.up_payload.load()),
         static_cast<unsigned long long>(c.down_wire.load()),
@@ -529,10 +549,10 @@ absl::Status Run(const Options& o) {
         static_cast<unsigned long long>(c.pushes.load()),
         static_cast<unsigned long long>(c.repushes.load()),
         static_cast<unsigned long long>(c.stale.load()),
-        static_cast<unsigned long long>(c.polls.load()));
+        static_cast<unsigned long long>(c.polls.load()), cpu);
     figures.push_back({rate, up, down, up * rate, down * rate, seconds,
                        static_cast<double>(c.up_payload.load()) / o.steps,
-                       static_cast<double>(c.down_payload.load()) / o.steps});
+                       static_cast<double>(c.down_payload.load()) / o.steps, cpu});
   }
   std::fflush(stdout);
   std::vector<absl::StatusOr<pb::CollectiveResponse>> sums(workers.size(),
@@ -578,7 +598,7 @@ absl::Status Run(const Options& o) {
   if (o.first_worker != 0) return absl::OkStatus();
 
   const pb::CollectiveResponse& sum = *sums[0];
-  if (sum.values_size() != 8 || sum.contributors() != o.world) {
+  if (sum.values_size() != 9 || sum.contributors() != o.world) {
     return absl::InternalError(
         absl::StrCat("the final sum has ", sum.contributors(), " contributors, want ", o.world));
   }
@@ -586,12 +606,14 @@ absl::Status Run(const Options& o) {
   const double in_step = sum.values(1), out_step = sum.values(2);
   const double in_rate = sum.values(3), out_rate = sum.values(4);
   const double window = sum.values(5) / o.world;
+  const double workers_cpu = sum.values(8);
   std::printf(
       "ps_load_bench: total over %d workers: %.3f steps/s (mean timed window %.2f s); the "
       "servers receive %s MB and send %s MB per step (payload %s / %s MB); goodput in "
-      "%.1f Mbit/s, out %.1f Mbit/s\n",
+      "%.1f Mbit/s, out %.1f Mbit/s; the workers use %.3f CPU s per step\n",
       o.world, steps_per_s, window, Mb(in_step).c_str(), Mb(out_step).c_str(),
-      Mb(sum.values(6)).c_str(), Mb(sum.values(7)).c_str(), in_rate * 8 / 1e6, out_rate * 8 / 1e6);
+      Mb(sum.values(6)).c_str(), Mb(sum.values(7)).c_str(), in_rate * 8 / 1e6, out_rate * 8 / 1e6,
+      workers_cpu);
   double bound = 0, fraction = 0;
   if (o.link_mbit > 0) {
     // Full duplex: receiving and sending each have the whole rate. With S shards each link
@@ -608,10 +630,10 @@ absl::Status Run(const Options& o) {
       "RESULT workers=%d servers=%zu params=%lld buckets=%zu inflight=%d steps=%d "
       "steps_per_s=%.4f in_bytes_per_step=%.0f out_bytes_per_step=%.0f "
       "in_mbit_s=%.2f out_mbit_s=%.2f link_mbit=%.0f bound_steps_per_s=%.4f "
-      "fraction=%.4f\n",
+      "fraction=%.4f workers_cpu_s_per_step=%.4f\n",
       o.world, o.servers.size(), static_cast<long long>(o.params), buckets.size(), o.inflight,
       o.steps, steps_per_s, in_step, out_step, in_rate * 8 / 1e6, out_rate * 8 / 1e6, o.link_mbit,
-      bound, fraction);
+      bound, fraction, workers_cpu);
   std::fflush(stdout);
   return absl::OkStatus();
 }

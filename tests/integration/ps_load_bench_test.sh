@@ -18,7 +18,7 @@ work=$(mktemp -d)
 pids=()
 cleanup() {
   for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null; done
-  wait 2>/dev/null
+  { wait; } 2>/dev/null
   rm -rf "$work"
 }
 trap cleanup EXIT
