@@ -17,7 +17,7 @@ deploy="$(cd "$(dirname "$0")/../.." && pwd)/deploy"
 work=$(mktemp -d)
 pids=()
 cleanup() {
-  for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null; done
+  for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null; done
   { wait; } 2>/dev/null
   rm -rf "$work"
 }
