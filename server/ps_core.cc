@@ -368,7 +368,7 @@ absl::Status ServerCore::Register(const pb::RegisterRequest& request,
 }
 
 absl::Status ServerCore::Push(const pb::PushRequest& request, pb::PushResponse* response) {
-  std::lock_guard<std::mutex> lock(mu_);
+  std::unique_lock<std::mutex> lock(mu_);
   if (absl::Status s = CheckToken(request.token()); !s.ok()) return Reject(s);
   if (absl::Status s = CheckShard(request.shard()); !s.ok()) return Reject(s);
   const uint32_t bucket_id = request.bucket();
@@ -414,12 +414,6 @@ absl::Status ServerCore::Push(const pb::PushRequest& request, pb::PushResponse* 
     return Reject(Refuse(absl::StatusCode::kInvalidArgument, pb::BAD_TENSOR,
                          absl::StrCat("bucket of ", n, " elements exceeds the server's limit")));
   }
-  absl::StatusOr<compression::EncodedTensor> tensor = compression::FromProto(g);
-  if (!tensor.ok()) {
-    return Reject(absl::Status(tensor.status().code(),
-                               absl::StrCat(pb::PsErrorReason_Name(pb::BAD_TENSOR), ": ",
-                                            tensor.status().message())));
-  }
   // The round.
   Bucket scratch;
   Bucket& b = found != buckets_.end() ? found->second : scratch;
@@ -436,7 +430,7 @@ absl::Status ServerCore::Push(const pb::PushRequest& request, pb::PushResponse* 
                            absl::StrCat("bucket ", bucket_id, " step ", step,
                                         " is not open yet (open step ", b.open_step, ")")));
     }
-    if (b.open_step == step && b.pushed.count(worker) != 0) {
+    if (b.open_step == step && (b.pushed.count(worker) != 0 || b.decoding.count(worker) != 0)) {
       response->set_duplicate(true);
       response->set_version(version_);
       response->set_open_step(b.open_step);
@@ -455,30 +449,74 @@ absl::Status ServerCore::Push(const pb::PushRequest& request, pb::PushResponse* 
                                         options_.staleness, ")")));
     }
   }
-  // Decode into the round sum (into a zero scratch sum for a bucket not seen yet): DecodeAdd
-  // validates everything first and leaves the sum unchanged on error.
+  // A later push of an open synchronous round is checked (CRC) and decoded OUTSIDE the server's
+  // lock, under the bucket's own, so that other buckets' pushes, pulls and heartbeats go on
+  // meanwhile (a 25M-parameter model's pushes take tens of ms each to decode). The worker is
+  // marked as decoding so that a retry is a duplicate and the round cannot close under the
+  // decoder (MaybeCloseSync waits for `decoding` to empty).
+  if (options_.mode == PsMode::kSync && found != buckets_.end() && !b.pushed.empty() &&
+      static_cast<uint64_t>(b.sum.size()) == n) {
+    b.decoding.insert(worker);
+    const std::shared_ptr<std::mutex> sum_mu = b.sum_mu;
+    float* const sum = b.sum.data();
+    lock.unlock();
+    absl::Status decoded;
+    {
+      absl::StatusOr<compression::EncodedTensor> tensor = compression::FromProto(g);
+      std::lock_guard<std::mutex> sum_lock(*sum_mu);
+      decoded = tensor.ok() ? codec_->codec().DecodeAdd(*tensor, std::span<float>(sum, n))
+                            : tensor.status();
+    }
+    lock.lock();
+    Bucket& bucket = buckets_[bucket_id];  // std::map nodes stay put; the round is still open
+    bucket.decoding.erase(worker);
+    if (!decoded.ok()) {
+      // DecodeAdd leaves the sum unchanged on error; the round may close without this worker.
+      MaybeCloseSync(bucket_id, bucket, /*deadline_only=*/false);
+      Changed();
+      return Reject(absl::Status(decoded.code(), absl::StrCat(pb::PsErrorReason_Name(pb::BAD_TENSOR),
+                                                              ": ", decoded.message())));
+    }
+    bucket.pushed.insert(worker);
+    MaybeCloseSync(bucket_id, bucket, /*deadline_only=*/false);
+    response->set_version(version_);
+    response->set_open_step(bucket.open_step);
+    Changed();
+    return absl::OkStatus();
+  }
+  absl::StatusOr<compression::EncodedTensor> tensor = compression::FromProto(g);
+  if (!tensor.ok()) {
+    return Reject(absl::Status(tensor.status().code(),
+                               absl::StrCat(pb::PsErrorReason_Name(pb::BAD_TENSOR), ": ",
+                                            tensor.status().message())));
+  }
+  // The first push of a round, or any asynchronous push: decoded under the server's lock, into
+  // the bucket's sum (zero between rounds) or, for a bucket not seen yet (or just restored), into
+  // a fresh zero sum. DecodeAdd validates everything first and leaves the sum unchanged on error.
   std::vector<float> fresh;
   std::span<float> sum;
   const bool new_round = b.pushed.empty();
-  if (new_round) {
+  const bool fresh_sum = static_cast<uint64_t>(b.sum.size()) != n;
+  if (fresh_sum) {
     fresh.assign(n, 0.0f);
     sum = fresh;
   } else {
     sum = b.sum;
   }
-  if (absl::Status s = codec_->codec().DecodeAdd(*tensor, sum); !s.ok()) {
-    return Reject(absl::Status(s.code(), absl::StrCat(pb::PsErrorReason_Name(pb::BAD_TENSOR),
-                                                      ": ", s.message())));
+  {
+    std::lock_guard<std::mutex> sum_lock(*b.sum_mu);
+    if (absl::Status s = codec_->codec().DecodeAdd(*tensor, sum); !s.ok()) {
+      return Reject(absl::Status(s.code(), absl::StrCat(pb::PsErrorReason_Name(pb::BAD_TENSOR),
+                                                        ": ", s.message())));
+    }
   }
   // Accepted: from here on state changes.
   Bucket& bucket = buckets_[bucket_id];  // (re)lookup: may create it
   if (found == buckets_.end()) bucket = std::move(scratch);
   bucket.elements = static_cast<int64_t>(n);
   if (bucket.open_step < 0) bucket.open_step = step;  // a bucket's first round
-  if (new_round) {
-    bucket.sum = std::move(fresh);
-    bucket.opened_at = Now();
-  }
+  if (fresh_sum) bucket.sum = std::move(fresh);
+  if (new_round) bucket.opened_at = Now();
   bucket.pushed.insert(worker);
   if (Worker& w = workers_[worker]; w.joining) {
     w.joining = false;
@@ -525,8 +563,8 @@ absl::Status ServerCore::CloseRound(uint32_t bucket_id, Bucket& b) {
   while (static_cast<int>(b.history.size()) > options_.history) b.history.pop_front();
   ++b.open_step;
   b.pushed.clear();
-  b.sum.clear();
-  b.sum.shrink_to_fit();
+  // Zero, not freed: the next round reuses it (a fresh 4 MB vector per round costs page faults).
+  std::fill(b.sum.begin(), b.sum.end(), 0.0f);
   b.opened_at = -1;
   ++version_;
   if (!options_.checkpoint_dir.empty() &&
@@ -539,7 +577,8 @@ absl::Status ServerCore::CloseRound(uint32_t bucket_id, Bucket& b) {
 }
 
 void ServerCore::MaybeCloseSync(uint32_t bucket_id, Bucket& b, bool deadline_only) {
-  if (b.pushed.empty()) return;
+  // Pushes being decoded outside the lock: the last of them calls this again.
+  if (b.pushed.empty() || !b.decoding.empty()) return;
   const bool deadline =
       b.opened_at >= 0 && Now() - b.opened_at >= options_.step_deadline_seconds;
   bool all = false;
@@ -993,7 +1032,10 @@ uint64_t ServerCore::StateHashLocked() const {
     h = FnvValue(h, id);
     h = FnvValue(h, b.elements);
     h = FnvValue(h, b.open_step);
-    h = Fnv(h, b.sum.data(), 4 * b.sum.size());
+    {
+      std::lock_guard<std::mutex> sum_lock(*b.sum_mu);  // a push may be adding outside mu_
+      h = Fnv(h, b.sum.data(), 4 * b.sum.size());
+    }
     for (int w : b.pushed) h = FnvValue(h, w);
     for (const Round& r : b.history) {
       h = FnvValue(h, r.step);

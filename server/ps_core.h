@@ -81,10 +81,14 @@
 // Time is injected (ServerCoreOptions::clock) so tests drive deadlines without sleeping; Tick()
 // applies deadlines and heartbeat timeouts (the service calls it every 50 ms).
 //
-// Thread-safety: every public method is thread-safe (one mutex). WaitForChange lets the service
-// hold a Pull or Collective until something changes. Cost: a push costs one DecodeAdd into the
-// round sum; closing costs one encode of the bucket; memory is one float per owned element for
-// the sum, one for the residual, plus `history` encoded results per bucket.
+// Thread-safety: every public method is thread-safe (one mutex for the state, plus one per bucket
+// for its sum: a synchronous round's second and later pushes are checksummed and decoded outside
+// the state mutex, so pushes of different buckets decode in parallel while pulls and heartbeats
+// go on; the round closes only after its last decode). WaitForChange lets the service hold a
+// Pull or Collective until something changes. Cost: a push costs one CRC pass and one DecodeAdd
+// into the round sum; closing costs one encode of the bucket and one pass to zero the sum; memory
+// is one float per owned element for the sum (kept between rounds), one for the residual, plus
+// `history` encoded results per bucket.
 #ifndef QTRAIN_SERVER_PS_CORE_H_
 #define QTRAIN_SERVER_PS_CORE_H_
 
@@ -181,8 +185,11 @@ class ServerCore {
   struct Bucket {
     int64_t elements = 0;          // 0: not known yet
     int64_t open_step = -1;        // -1: no round yet (set by the first push)
-    std::vector<float> sum;
+    std::vector<float> sum;        // the open round's sum; zeros between rounds (kept allocated)
     std::set<int> pushed;
+    std::set<int> decoding;        // sync: pushes being decoded outside mu_ (see Push)
+    // Held while adding into `sum`; taken after mu_ or alone, never the other way round.
+    std::shared_ptr<std::mutex> sum_mu = std::make_shared<std::mutex>();
     double opened_at = -1;         // clock at the round's first push; -1: none yet
     std::deque<Round> history;     // oldest first
   };

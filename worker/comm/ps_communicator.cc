@@ -5,15 +5,12 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstring>
-#include <fstream>
 #include <map>
 #include <mutex>
-#include <sstream>
 #include <thread>
 #include <utility>
 
 #include "absl/strings/numbers.h"
-#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "common/logging.h"
@@ -22,46 +19,12 @@
 #include "compression/wire.h"
 #include "grpcpp/grpcpp.h"
 #include "proto/ps.grpc.pb.h"
+#include "worker/comm/ps_rpc.h"
 
 namespace qtrain::comm {
 namespace {
 
 using Clock = std::chrono::steady_clock;
-
-absl::Status FromGrpc(const grpc::Status& s) {
-  if (s.ok()) return absl::OkStatus();
-  return absl::Status(static_cast<absl::StatusCode>(s.error_code()), s.error_message());
-}
-
-// The PsErrorReason a refusal's message starts with ("NAME: ...").
-pb::PsErrorReason ReasonOf(const absl::Status& s) {
-  const std::string m(s.message());
-  const size_t colon = m.find(':');
-  pb::PsErrorReason reason = pb::PS_REASON_UNSPECIFIED;
-  if (colon != std::string::npos) {
-    pb::PsErrorReason_Parse(m.substr(0, colon), &reason);
-  }
-  return reason;
-}
-
-bool Transient(const absl::Status& s) {
-  // gRPC's own "message larger than max" is RESOURCE_EXHAUSTED too, but retrying cannot help.
-  if (s.code() == absl::StatusCode::kResourceExhausted &&
-      absl::StrContains(s.message(), "larger than max")) {
-    return false;
-  }
-  return s.code() == absl::StatusCode::kUnavailable ||
-         s.code() == absl::StatusCode::kDeadlineExceeded ||
-         s.code() == absl::StatusCode::kResourceExhausted;
-}
-
-absl::StatusOr<std::string> ReadFile(const char* what, const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return absl::InvalidArgumentError(absl::StrCat(what, ": cannot read '", path, "'"));
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
 
 absl::StatusOr<uint32_t> BucketIndex(std::string_view key) {
   uint32_t index = 0;
@@ -100,30 +63,14 @@ class PsCommunicator final : public Communicator {
   }
 
   absl::Status Connect() {
-    grpc::ChannelArguments args;
-    const int limit = static_cast<int>(std::min<uint64_t>(options_.max_message_bytes + (1 << 20),
-                                                          INT32_MAX));
-    args.SetMaxReceiveMessageSize(limit);
-    args.SetMaxSendMessageSize(limit);
-    // Reconnect to a restarted server within ~2 s (gRPC's default backoff grows to 120 s).
-    args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 100);
-    args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, 100);
-    args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 2000);
-    std::shared_ptr<grpc::ChannelCredentials> credentials;
-    if (!options_.tls_ca.empty()) {
-      grpc::SslCredentialsOptions ssl;
-      ASSIGN_OR_RETURN(ssl.pem_root_certs, ReadFile("--ps_tls_ca", options_.tls_ca));
-      if (!options_.tls_cert.empty()) {
-        ASSIGN_OR_RETURN(ssl.pem_cert_chain, ReadFile("--ps_tls_cert", options_.tls_cert));
-        ASSIGN_OR_RETURN(ssl.pem_private_key, ReadFile("--ps_tls_key", options_.tls_key));
-      }
-      credentials = grpc::SslCredentials(ssl);
-    } else {
-      credentials = grpc::InsecureChannelCredentials();
-    }
+    PsChannelOptions channel;
+    channel.max_message_bytes = options_.max_message_bytes;
+    channel.tls_ca = options_.tls_ca;
+    channel.tls_cert = options_.tls_cert;
+    channel.tls_key = options_.tls_key;
     for (const std::string& target : options_.servers) {
-      stubs_.push_back(pb::ParameterServer::NewStub(
-          grpc::CreateCustomChannel(target, credentials, args)));
+      ASSIGN_OR_RETURN(std::shared_ptr<grpc::Channel> c, NewPsChannel(target, channel));
+      stubs_.push_back(pb::ParameterServer::NewStub(c));
     }
     // Shard 0 first: it may assign the id that the others then see.
     for (size_t s = 0; s < stubs_.size(); ++s) {
@@ -147,7 +94,7 @@ class PsCommunicator final : public Communicator {
                                  return stubs_[s]->Status(c, request, &response);
                                });
         if (st.ok() && response.registered() >= world_size_) break;
-        if (!st.ok() && !Transient(st)) return st;
+        if (!st.ok() && !IsTransient(st)) return st;
         if (std::chrono::duration<double>(Clock::now() - start).count() > options_.timeout_seconds) {
           return absl::DeadlineExceededError(absl::StrCat(
               "worker ", id_, ": only ", response.registered(), " of ", world_size_,
@@ -424,11 +371,8 @@ class PsCommunicator final : public Communicator {
  private:
   // One RPC with a deadline.
   template <typename Fn>
-  absl::Status Call(int shard, double seconds, Fn fn) {
-    grpc::ClientContext context;
-    context.set_deadline(std::chrono::system_clock::now() +
-                         std::chrono::microseconds(static_cast<int64_t>(seconds * 1e6)));
-    return FromGrpc(fn(&context));
+  absl::Status Call(int /*shard*/, double seconds, Fn fn) {
+    return CallWithDeadline(seconds, fn);
   }
 
   // Runs `fn` until it succeeds, retrying transient failures with backoff and re-registering
@@ -454,7 +398,7 @@ class PsCommunicator final : public Communicator {
       } else if (reason == pb::NOT_REGISTERED) {
         QTRAIN_LOG(WARNING) << "worker " << id_ << ": " << last.message() << "; registering again";
         for (size_t s = 0; s < stubs_.size(); ++s) (void)Register(static_cast<int>(s));
-      } else if (!Transient(last) && reason != pb::FUTURE_STEP) {
+      } else if (!IsTransient(last) && reason != pb::FUTURE_STEP) {
         return last;
       }
       const double spent = std::chrono::duration<double>(Clock::now() - start).count();

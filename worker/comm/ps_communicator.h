@@ -1,7 +1,8 @@
 // The parameter-server adapter of Communicator: a worker of `qtrain --ps=host:port[,...]` that
 // averages its gradients through `qserver` processes (server/ps_core.h has the server side and
-// the layout rule). This header does not include gRPC; ps_communicator.cc is the only worker file
-// that does.
+// the layout rule). This header does not include gRPC; ps_communicator.cc and ps_rpc.h/.cc (its
+// channel and status helpers, shared with the load generator server/bench/ps_load_bench.cc) are
+// the only worker files that do.
 //
 // AllReduceMean(key "b<i>", data) at training step s (SetStep):
 //   1. encode data with the bucket's error-feedback residual (BucketCodec, as LocalCommunicator
