@@ -478,6 +478,7 @@ absl::Status ServerCore::Push(const pb::PushRequest& request, pb::PushResponse* 
                                                               ": ", decoded.message())));
     }
     bucket.pushed.insert(worker);
+    MarkJoined(worker, bucket_id, step);
     MaybeCloseSync(bucket_id, bucket, /*deadline_only=*/false);
     response->set_version(version_);
     response->set_open_step(bucket.open_step);
@@ -518,13 +519,7 @@ absl::Status ServerCore::Push(const pb::PushRequest& request, pb::PushResponse* 
   if (fresh_sum) bucket.sum = std::move(fresh);
   if (new_round) bucket.opened_at = Now();
   bucket.pushed.insert(worker);
-  if (Worker& w = workers_[worker]; w.joining) {
-    w.joining = false;
-    w.live = true;
-    handovers_.erase(worker);
-    QTRAIN_LOG(INFO) << "worker " << worker << " joined the quorum at bucket " << bucket_id
-                     << " step " << step;
-  }
+  MarkJoined(worker, bucket_id, step);
   if (options_.mode == PsMode::kAsync) {
     RETURN_IF_ERROR(CloseRound(bucket_id, bucket));
   } else {
@@ -534,6 +529,16 @@ absl::Status ServerCore::Push(const pb::PushRequest& request, pb::PushResponse* 
   response->set_open_step(bucket.open_step);
   Changed();
   return absl::OkStatus();
+}
+
+void ServerCore::MarkJoined(int worker, uint32_t bucket_id, int64_t step) {
+  Worker& w = workers_[worker];
+  if (!w.joining) return;
+  w.joining = false;
+  w.live = true;
+  handovers_.erase(worker);
+  QTRAIN_LOG(INFO) << "worker " << worker << " joined the quorum at bucket " << bucket_id
+                   << " step " << step;
 }
 
 absl::Status ServerCore::CloseRound(uint32_t bucket_id, Bucket& b) {

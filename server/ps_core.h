@@ -233,6 +233,8 @@ class ServerCore {
   bool QuorumReady() const;  // world_size workers have registered at least once
   absl::Status CloseRound(uint32_t bucket_id, Bucket& bucket);
   void MaybeCloseSync(uint32_t bucket_id, Bucket& bucket, bool deadline_only);
+  // A joining worker's first accepted push puts it back in the quorum. Caller holds mu_.
+  void MarkJoined(int worker, uint32_t bucket_id, int64_t step);
   void MaybeCloseCollective(uint64_t seq, CollectiveState& c, bool deadline_passed);
   void Changed();
   absl::Status WriteCheckpointLocked();
