@@ -268,6 +268,16 @@ absl::Status ServerCore::CheckWorker(int id) {
   return absl::OkStatus();
 }
 
+absl::Status ServerCore::CheckShardZeroRequest(const std::string& token, uint32_t shard,
+                                               int worker, const char* refusal) {
+  RETURN_IF_ERROR(CheckToken(token));
+  RETURN_IF_ERROR(CheckShard(shard));
+  if (options_.shard != 0) {
+    return Refuse(absl::StatusCode::kInvalidArgument, pb::WRONG_SHARD, refusal);
+  }
+  return CheckWorker(worker);
+}
+
 int ServerCore::LiveCount() const {
   int n = 0;
   for (const auto& [id, w] : workers_) n += w.live ? 1 : 0;
@@ -792,13 +802,11 @@ void ServerCore::MaybeCloseCollective(uint64_t seq, CollectiveState& c, bool dea
 absl::Status ServerCore::Collective(const pb::CollectiveRequest& request,
                                     pb::CollectiveResponse* response) {
   std::lock_guard<std::mutex> lock(mu_);
-  if (absl::Status s = CheckToken(request.token()); !s.ok()) return Reject(s);
-  if (absl::Status s = CheckShard(request.shard()); !s.ok()) return Reject(s);
-  if (options_.shard != 0) {
-    return Reject(Refuse(absl::StatusCode::kInvalidArgument, pb::WRONG_SHARD,
-                         "collectives are served by shard 0"));
+  if (absl::Status s = CheckShardZeroRequest(request.token(), request.shard(),
+                                              request.worker_id(), "collectives are served by shard 0");
+      !s.ok()) {
+    return Reject(s);
   }
-  if (absl::Status s = CheckWorker(request.worker_id()); !s.ok()) return Reject(s);
   const pb::CollectiveKind kind = request.kind();
   if (kind != pb::COLLECTIVE_SUM && kind != pb::COLLECTIVE_GATHER_U64 &&
       kind != pb::COLLECTIVE_BROADCAST && kind != pb::COLLECTIVE_BARRIER) {
@@ -901,13 +909,11 @@ bool ServerCore::ReviewHandoversLocked() {
 
 absl::Status ServerCore::Join(const pb::JoinRequest& request, pb::JoinResponse* response) {
   std::lock_guard<std::mutex> lock(mu_);
-  if (absl::Status s = CheckToken(request.token()); !s.ok()) return Reject(s);
-  if (absl::Status s = CheckShard(request.shard()); !s.ok()) return Reject(s);
-  if (options_.shard != 0) {
-    return Reject(Refuse(absl::StatusCode::kInvalidArgument, pb::WRONG_SHARD,
-                         "the join handover is served by shard 0"));
+  if (absl::Status s = CheckShardZeroRequest(request.token(), request.shard(),
+                                              request.worker_id(), "the join handover is served by shard 0");
+      !s.ok()) {
+    return Reject(s);
   }
-  if (absl::Status s = CheckWorker(request.worker_id()); !s.ok()) return Reject(s);
   const int id = request.worker_id();
   if (!workers_[id].joining) {
     return Reject(Refuse(absl::StatusCode::kFailedPrecondition, pb::BAD_REQUEST,
@@ -947,13 +953,11 @@ absl::Status ServerCore::Join(const pb::JoinRequest& request, pb::JoinResponse* 
 absl::Status ServerCore::Handover(const pb::HandoverRequest& request,
                                   pb::HandoverResponse* /*response*/) {
   std::lock_guard<std::mutex> lock(mu_);
-  if (absl::Status s = CheckToken(request.token()); !s.ok()) return Reject(s);
-  if (absl::Status s = CheckShard(request.shard()); !s.ok()) return Reject(s);
-  if (options_.shard != 0) {
-    return Reject(Refuse(absl::StatusCode::kInvalidArgument, pb::WRONG_SHARD,
-                         "the join handover is served by shard 0"));
+  if (absl::Status s = CheckShardZeroRequest(request.token(), request.shard(),
+                                              request.worker_id(), "the join handover is served by shard 0");
+      !s.ok()) {
+    return Reject(s);
   }
-  if (absl::Status s = CheckWorker(request.worker_id()); !s.ok()) return Reject(s);
   if (request.pieces() < 1 || request.pieces() > kMaxHandoverPieces ||
       request.piece() >= request.pieces()) {
     return Reject(Refuse(absl::StatusCode::kInvalidArgument, pb::BAD_REQUEST,

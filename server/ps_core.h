@@ -229,6 +229,10 @@ class ServerCore {
   // Re-picks donors that are no longer live and forgets joiners that are gone (Tick, Leave).
   bool ReviewHandoversLocked();
   absl::Status CheckShard(uint32_t shard) const;
+  // What every RPC that only shard 0 serves (collectives, the join handover) checks first: the
+  // token, the shard, that this is shard 0 (else WRONG_SHARD with `refusal`), and the worker.
+  absl::Status CheckShardZeroRequest(const std::string& token, uint32_t shard, int worker,
+                                     const char* refusal);
   int LiveCount() const;
   bool QuorumReady() const;  // world_size workers have registered at least once
   absl::Status CloseRound(uint32_t bucket_id, Bucket& bucket);

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "benchmark/benchmark.h"
+#include "worker/bench/train_bench_util.h"
 #include "common/cuda/cuda_util.h"
 #include "worker/comm/local_communicator.h"
 #include "worker/nn/cuda/cuda_engine.h"
@@ -42,29 +43,26 @@ void BM_CudaTrainStep(benchmark::State& state) {
   const auto& q = kCudaQuant[state.range(2)];
   absl::StatusOr<quant::QuantConfig> config =
       quant::MakeQuantConfig("none", q[0], q[1], true, true);
-  absl::StatusOr<std::unique_ptr<quant::QuantLayerFactory>> factory =
-      config.ok() ? quant::QuantLayerFactory::Create(*config) : config.status();
-  if (!factory.ok()) {
-    state.SkipWithError(std::string(factory.status().message()).c_str());
+  absl::StatusOr<BenchModel> m = config.ok() ? BuildBenchModel(name, *config) : config.status();
+  if (!m.ok()) {
+    state.SkipWithError(std::string(m.status().message()).c_str());
     return;
   }
   state.SetLabel(name + " " + config->ToString());
-  ModelSpec spec{name, {1, 28, 28}, 10, 1};
-  spec.factory = factory->get();
-  absl::StatusOr<std::unique_ptr<Layer>> model = BuildModel(spec);
+  Sequential* model = m->model.get();
   absl::StatusOr<std::unique_ptr<comm::LocalCommunicator>> local =
       comm::LocalCommunicator::Create({});
-  if (!model.ok() || !local.ok()) {
-    state.SkipWithError("cannot build the model or the communicator");
+  if (!local.ok()) {
+    state.SkipWithError("cannot build the communicator");
     return;
   }
   std::vector<Parameter*> params;
   std::vector<Buffer*> buffers;
-  (*model)->CollectParameters(&params);
-  (*model)->CollectBuffers(&buffers);
+  model->CollectParameters(&params);
+  model->CollectBuffers(&buffers);
   train::SgdOptions sgd_options;
   train::Sgd sgd(params, sgd_options);
-  train::StepEngineInputs in{model->get(), params, buffers, &sgd, sgd_options, local->get(), {},
+  train::StepEngineInputs in{model, params, buffers, &sgd, sgd_options, local->get(), {},
                              {1, 28, 28}, 10, batch};
   cuda::CudaEngineOptions options;
   options.graphs = true;
@@ -73,32 +71,17 @@ void BM_CudaTrainStep(benchmark::State& state) {
     state.SkipWithError(std::string(engine.status().message()).c_str());
     return;
   }
-  Tensor x({batch, 1, 28, 28});
-  std::mt19937 gen(3);
-  std::normal_distribution<float> dist;
-  for (int64_t i = 0; i < x.size(); ++i) x[i] = dist(gen);
-  std::vector<int32_t> labels(static_cast<size_t>(batch));
-  for (auto& l : labels) l = static_cast<int32_t>(gen() % 10);
-
-  auto step = [&]() -> double {
+  Tensor x;
+  std::vector<int32_t> labels;
+  FillBenchBatch(batch, &x, &labels);
+  // Five warm-up steps: they also capture the graphs.
+  TimeTrainStep(state, batch, 5, [&]() -> double {
     comm::StepStats stats;
     double wait = 0;
     absl::StatusOr<kernels::SoftmaxXentResult> r =
         (*engine)->TrainStep(x, labels, 0.01f, &stats, &wait);
     return r.ok() ? r->mean_loss : NAN;
-  };
-  const double first = step();
-  double last = first;
-  for (int i = 0; i < 5; ++i) last = step();  // also captures the graphs
-  if (!(last < first)) {
-    state.SkipWithError("loss did not fall on a fixed batch: the step is broken");
-    return;
-  }
-  for (auto _ : state) {
-    benchmark::DoNotOptimize(step());
-  }
-  state.counters["images_per_second"] =
-      benchmark::Counter(static_cast<double>(batch), benchmark::Counter::kIsIterationInvariantRate);
+  });
 }
 
 BENCHMARK(BM_CudaTrainStep)

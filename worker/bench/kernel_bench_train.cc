@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "benchmark/benchmark.h"
+#include "worker/bench/train_bench_util.h"
 #include "worker/kernels/cpu/thread_pool.h"
 #include "worker/nn/loss.h"
 #include "worker/nn/model.h"
@@ -44,55 +45,30 @@ absl::StatusOr<quant::QuantConfig> QuantFor(int index) {
 void BM_TrainStep(benchmark::State& state) {
   const std::string name = kModels[state.range(0)];
   const int64_t batch = state.range(1);
-  const int threads = static_cast<int>(state.range(2));
-  kernels::ThreadPool pool(threads);
+  kernels::ThreadPool pool(static_cast<int>(state.range(2)));
   RunContext ctx;
   ctx.cpu.pool = &pool;
   ctx.mode = Mode::kTrain;
   absl::StatusOr<quant::QuantConfig> config = QuantFor(static_cast<int>(state.range(3)));
-  absl::StatusOr<std::unique_ptr<quant::QuantLayerFactory>> factory =
-      config.ok() ? quant::QuantLayerFactory::Create(*config) : config.status();
-  if (!factory.ok()) {
-    state.SkipWithError(std::string(factory.status().message()).c_str());
+  absl::StatusOr<BenchModel> m = config.ok() ? BuildBenchModel(name, *config) : config.status();
+  if (!m.ok()) {
+    state.SkipWithError(std::string(m.status().message()).c_str());
     return;
   }
   state.SetLabel(name + " " + config->ToString());
-  ModelSpec spec{name, {1, 28, 28}, 10, 1};
-  spec.factory = factory->get();
-  auto model = BuildModel(spec);
-  if (!model.ok()) {
-    state.SkipWithError(std::string(model.status().message()).c_str());
-    return;
-  }
   std::vector<Parameter*> params;
-  (*model)->CollectParameters(&params);
+  m->model->CollectParameters(&params);
   train::Sgd sgd(params, train::SgdOptions{});
-  Tensor x({batch, 1, 28, 28}), logits, dlogits;
-  std::mt19937 gen(3);
-  std::normal_distribution<float> dist;
-  for (int64_t i = 0; i < x.size(); ++i) x[i] = dist(gen);
-  std::vector<int32_t> labels(static_cast<size_t>(batch));
-  for (auto& l : labels) l = static_cast<int32_t>(gen() % 10);
-
-  auto step = [&]() -> double {
-    (*model)->Forward(ctx, x, &logits);
+  Tensor x, logits, dlogits;
+  std::vector<int32_t> labels;
+  FillBenchBatch(batch, &x, &labels);
+  TimeTrainStep(state, batch, 4, [&]() -> double {
+    m->model->Forward(ctx, x, &logits);
     auto r = SoftmaxCrossEntropyLoss(ctx, logits, labels, &dlogits);
-    (*model)->Backward(ctx, dlogits, nullptr);
+    m->model->Backward(ctx, dlogits, nullptr);
     sgd.Step(ctx.cpu, 0.01f);
     return r.ok() ? r->mean_loss : NAN;
-  };
-  const double first = step();
-  double last = first;
-  for (int i = 0; i < 4; ++i) last = step();
-  if (!(last < first)) {
-    state.SkipWithError("loss did not fall on a fixed batch: the step is broken");
-    return;
-  }
-  for (auto _ : state) {
-    benchmark::DoNotOptimize(step());
-  }
-  state.counters["images_per_second"] =
-      benchmark::Counter(static_cast<double>(batch), benchmark::Counter::kIsIterationInvariantRate);
+  });
 }
 
 BENCHMARK(BM_TrainStep)
@@ -112,65 +88,39 @@ BENCHMARK(BM_TrainStep)
 void BM_GuidedStep(benchmark::State& state) {
   const std::string name = kModels[state.range(0)];
   const int64_t batch = state.range(1);
-  const int threads = static_cast<int>(state.range(2));
-  kernels::ThreadPool pool(threads);
+  kernels::ThreadPool pool(static_cast<int>(state.range(2)));
   RunContext ctx;
   ctx.cpu.pool = &pool;
   ctx.mode = Mode::kTrain;
   absl::StatusOr<quant::QuantConfig> config = QuantFor(static_cast<int>(state.range(3)));
-  absl::StatusOr<std::unique_ptr<quant::QuantLayerFactory>> factory =
-      config.ok() ? quant::QuantLayerFactory::Create(*config) : config.status();
-  if (!factory.ok()) {
-    state.SkipWithError(std::string(factory.status().message()).c_str());
+  absl::StatusOr<BenchModel> m = config.ok() ? BuildBenchModel(name, *config) : config.status();
+  absl::StatusOr<BenchModel> fp = BuildBenchModel(name, quant::QuantConfig{});
+  if (!m.ok() || !fp.ok()) {
+    state.SkipWithError(std::string((m.ok() ? fp : m).status().message()).c_str());
     return;
   }
   state.SetLabel(name + " guided " + config->ToString());
-  ModelSpec spec{name, {1, 28, 28}, 10, 1};
-  spec.factory = factory->get();
-  auto model = BuildModel(spec);
-  ModelSpec fp_spec{name, {1, 28, 28}, 10, 1};
-  auto fp_model = BuildModel(fp_spec);
-  if (!model.ok() || !fp_model.ok()) {
-    state.SkipWithError("cannot build the models");
-    return;
-  }
   train::GuideOptions options;
   options.layers = train::DefaultGuideLayers(name);
-  auto guide = train::Guide::Create(options, *std::move(fp_model));
-  absl::Status bound = guide.ok() ? (*guide)->Bind(model->get(), config->activation)
+  auto guide = train::Guide::Create(options, std::move(fp->model));
+  absl::Status bound = guide.ok() ? (*guide)->Bind(m->model.get(), config->activation)
                                   : guide.status();
   if (!bound.ok()) {
     state.SkipWithError(std::string(bound.message()).c_str());
     return;
   }
   std::vector<Parameter*> params;
-  (*model)->CollectParameters(&params);
+  m->model->CollectParameters(&params);
   train::Sgd sgd(params, train::SgdOptions{});
-  Tensor x({batch, 1, 28, 28});
-  std::mt19937 gen(3);
-  std::normal_distribution<float> dist;
-  for (int64_t i = 0; i < x.size(); ++i) x[i] = dist(gen);
-  std::vector<int32_t> labels(static_cast<size_t>(batch));
-  for (auto& l : labels) l = static_cast<int32_t>(gen() % 10);
-
-  auto step = [&]() -> double {
+  Tensor x;
+  std::vector<int32_t> labels;
+  FillBenchBatch(batch, &x, &labels);
+  TimeTrainStep(state, batch, 4, [&]() -> double {
     auto r = (*guide)->ForwardBackward(ctx, x, labels);
     sgd.Step(ctx.cpu, 0.01f);
     (*guide)->StepFp(ctx.cpu, 0.01f);
     return r.ok() ? r->lowbit.mean_loss + r->fp.mean_loss : NAN;
-  };
-  const double first = step();
-  double last = first;
-  for (int i = 0; i < 4; ++i) last = step();
-  if (!(last < first)) {
-    state.SkipWithError("loss did not fall on a fixed batch: the step is broken");
-    return;
-  }
-  for (auto _ : state) {
-    benchmark::DoNotOptimize(step());
-  }
-  state.counters["images_per_second"] =
-      benchmark::Counter(static_cast<double>(batch), benchmark::Counter::kIsIterationInvariantRate);
+  });
 }
 
 // DoReFa 2/2 (the paper's base quantizer) and PACT+SAWB 2/2; compare with BM_TrainStep's rows of
