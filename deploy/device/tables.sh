@@ -8,6 +8,9 @@
 #   fp:M            full-precision M on the GPU, 15 epochs, checkpoint kept (for the other kinds)
 #   q:M:NAME        quantized M on the GPU, NAME from the list below; ft-NAME fine-tunes from fp:M
 #   ldnq:M:L:METHOD qtrain ldnq of fp:M on two CPU cores, 600 calibration images
+#   abl:M:ROW:K:SEED the schedule ablation (README, training schedules): ROW at K/K bits (DoReFa)
+#                   with --seed=SEED, E epochs in all; ROW is fp (K ignored), base, ts, pq, guided,
+#                   pqts, tsg, pqtsg, pqtsg2 (pqtsg with the first and last layers quantized too)
 # FP checkpoints already under devrun/fp/M/ are used instead of training fp:M.
 set -u
 start=$SECONDS
@@ -32,10 +35,35 @@ declare -A Q=(
   [qil44]="--quant=qil:w=4,a=4" [qil33]="--quant=qil:w=3,a=3" [qil22]="--quant=qil:w=2,a=2"
   [binary]="--wq=binary" [ternary]="--wq=ternary"
 )
+# The ablation's flags for ROW at K/K bits over E epochs (phases split E as evenly as they can).
+split() {  # split N PARTS -> "a,b,c" summing to N
+  local n=$1 k=$2 i out=""
+  for ((i = 0; i < k; i++)); do out+="${out:+,}$(( (n * (i + 1)) / k - (n * i) / k ))"; done
+  echo "$out"
+}
+ablation_args() {  # ROW K
+  local row=$1 k=$2 q="--quant=dorefa:w=$2,a=$2" bits
+  if [ "$k" = 4 ]; then bits=32,8,4; else bits=32,8,4,2; fi
+  local n=$(( $(tr -cd , <<<"$bits" | wc -c) + 1 ))  # pq steps
+  case $row in
+    fp) echo "--epochs=$E" ;;
+    base) echo "$q --epochs=$E" ;;
+    ts) echo "$q --schedule=ts --stage_epochs=$(split "$E" 2)" ;;
+    pq) echo "$q --schedule=pq --bits=$bits --stage_epochs=$(split "$E" $n)" ;;
+    guided) echo "$q --guided --epochs=$E" ;;
+    pqts) echo "$q --schedule=pq+ts --bits=$bits --stage_epochs=$(split "$E" $((2 * n - 1)))" ;;
+    tsg) echo "$q --schedule=ts --stage_epochs=$(split "$E" 2) --guided" ;;
+    pqtsg) echo "$q --schedule=pq+ts --bits=$bits --stage_epochs=$(split "$E" $((2 * n - 1))) --guided" ;;
+    pqtsg2) echo "$q --schedule=pq+ts --bits=$bits --stage_epochs=$(split "$E" $((2 * n - 1))) --guided --fp_first_last=false" ;;
+    *) echo "unknown ablation row $row" >&2; return 1 ;;
+  esac
+}
 # Seconds a run takes with GPU_JOBS sharing the GPU (H200), to decide whether it can still end.
 estimate() {
   [ -n "${EST_FIXED:-}" ] && { echo "$EST_FIXED"; return; }  # for a dry run of this script
   case $1 in
+    abl:cnn:*g*) echo 95 ;; abl:cnn:*) echo 55 ;;
+    abl:resnet20:*g*) echo 350 ;; abl:resnet20:*) echo 200 ;;
     fp:cnn) echo 40 ;; fp:resnet20) echo 60 ;;
     q:cnn:*) echo 70 ;; q:resnet20:*) echo 200 ;;
     ldnq:cnn:*) echo 120 ;; ldnq:resnet20:*) echo 240 ;;
@@ -56,6 +84,13 @@ launch() {  # $1 = run; runs it in the background
       [ "$base" != "$rest" ] && args="$args --init_from=$res/fp/$m"
       name=$m-$rest
       cmd="taskset -c $((gpu_slot % GPU_JOBS)) timeout $left /tmp/q/run qtrain --model=$m $data --device=cuda --epochs=$E --threads=1 --progress=false $args --metrics=$res/$name.jsonl"
+      gpu_slot=$((gpu_slot + 1)) ;;
+    abl)
+      local row k seed
+      IFS=: read -r row k seed <<<"$rest"
+      args=$(ablation_args "$row" "$k") || return
+      name=abl-$m-$row-$k-s$seed
+      cmd="taskset -c $((gpu_slot % GPU_JOBS)) timeout $left /tmp/q/run qtrain --model=$m $data --device=cuda --threads=1 --progress=false --seed=$seed $args ${ABL_ARGS:-} --metrics=$res/$name.jsonl"
       gpu_slot=$((gpu_slot + 1)) ;;
     ldnq)
       local L=${rest%%:*} method=${rest#*:}

@@ -13,6 +13,11 @@
 // (skipping it when Communicator::IsIdentity()), bucket by bucket in the plan it was given, under
 // the plan's keys, so error-feedback residuals and traffic are those of the CPU path.
 //
+// Guided training (train/guided.h). With StepEngineInputs::twin set, the engine also holds the
+// full-precision twin: TrainStep runs both networks, the guidance loss between their guidance
+// points, both backward passes, averages both gradient sets (the twin's under its own bucket keys)
+// and steps both optimizers; PushState / PullState cover the twin (its Sgd momentum included).
+//
 // Thread-safety: driven by the trainer's thread only.
 #ifndef QTRAIN_WORKER_TRAIN_STEP_ENGINE_H_
 #define QTRAIN_WORKER_TRAIN_STEP_ENGINE_H_
@@ -30,6 +35,7 @@
 #include "worker/kernels/cpu/softmax_xent.h"
 #include "worker/nn/layer.h"
 #include "worker/train/gradient_buckets.h"
+#include "worker/train/guided.h"
 #include "worker/train/optimizer.h"
 
 namespace qtrain::train {
@@ -54,6 +60,32 @@ class StepEngine {
   // Forward in evaluation mode: mean loss and correct count of the batch.
   virtual absl::StatusOr<kernels::SoftmaxXentResult> EvalBatch(
       const nn::Tensor& x, std::span<const int32_t> labels) = 0;
+
+  // With a twin: the last TrainStep's cross-entropies of both networks and R (without lambda).
+  virtual GuidedStepResult LastGuidedStep() const { return {}; }
+  // With a twin: the twin's forward in evaluation mode. FAILED_PRECONDITION without one.
+  virtual absl::StatusOr<kernels::SoftmaxXentResult> EvalTwinBatch(
+      const nn::Tensor& x, std::span<const int32_t> labels) {
+    (void)x;
+    (void)labels;
+    return absl::FailedPreconditionError("this step engine has no full-precision twin");
+  }
+};
+
+// The full-precision twin of guided training: its host model (a Sequential of the low-bit
+// model's architecture), parameters, buffers and optimizer (options as the low-bit model's), its
+// gradient buckets (keys apart from the low-bit model's; empty when the communicator is the
+// identity), the guidance points (direct children of both Sequentials) and lambda. Q at a point
+// is the low-bit network's own activation quantizer there (its parameters shared, its parameter
+// gradients from the guidance term discarded), the identity where that child is not one.
+struct TwinInputs {
+  nn::Layer* model = nullptr;
+  std::vector<nn::Parameter*> params;
+  std::vector<nn::Buffer*> buffers;
+  Sgd* sgd = nullptr;
+  std::vector<GradientBucket> buckets;
+  std::vector<std::string> taps;
+  float lambda = 1.0f;
 };
 
 // What an engine is built from: the host model, its parameters and buffers (CollectParameters /
@@ -70,6 +102,7 @@ struct StepEngineInputs {
   std::vector<int64_t> input_chw;  // C, H, W
   int num_classes = 0;
   int64_t max_batch = 0;
+  const TwinInputs* twin = nullptr;  // guided training; null otherwise
 };
 
 using StepEngineFactory =

@@ -176,6 +176,7 @@ absl::Status Trainer::AttachModel(nn::Layer* model) {
     engine_inputs.input_chw = info_.input;
     engine_inputs.num_classes = info_.num_classes;
     engine_inputs.max_batch = std::max(options_.batch_size, options_.eval_batch_size);
+    if (twin_inputs_.model != nullptr) engine_inputs.twin = &twin_inputs_;
     ASSIGN_OR_RETURN(engine_, options_.engine(engine_inputs));
     if (rank_ == 0) QTRAIN_LOG(INFO) << "step engine: " << engine_->Describe();
   }
@@ -211,10 +212,6 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::CreatePhased(
     begin += e;
   }
   t->guide_ = std::move(guide);
-  if (t->guide_ != nullptr && options.engine) {
-    return absl::InvalidArgumentError(
-        "guided training runs on the CPU layers only for now; drop --guided or use --device=cpu");
-  }
   if (t->guide_ != nullptr && !comm->IsIdentity()) {
     ASSIGN_OR_RETURN(t->twin_buckets_,
                      PlanGradientBuckets(t->guide_->fp_params(), options.bucket_bytes));
@@ -224,6 +221,18 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::CreatePhased(
   }
   if (t->guide_ != nullptr) {
     RETURN_IF_ERROR(t->guide_->Bind(t->model_, t->plan_->activation[0]));
+    if (options.engine) {
+      // The engine runs the twin too: rebuild it with the twin attached.
+      TwinInputs& twin = t->twin_inputs_;
+      twin.model = t->guide_->fp_model();
+      twin.params = t->guide_->fp_params();
+      twin.buffers = t->guide_->fp_buffers();
+      twin.sgd = &t->guide_->fp_sgd();
+      twin.buckets = t->twin_buckets_;
+      twin.taps = t->guide_->options().layers;
+      twin.lambda = t->guide_->options().lambda;
+      RETURN_IF_ERROR(t->AttachModel(t->model_));
+    }
   }
   return t;
 }
@@ -599,6 +608,8 @@ absl::StatusOr<EvalResult> Trainer::EvaluateModel(nn::Layer* model, const data::
     kernels::SoftmaxXentResult r;
     if (engine_ != nullptr && model == model_) {
       ASSIGN_OR_RETURN(r, engine_->EvalBatch(x, labels));
+    } else if (engine_ != nullptr && guide_ != nullptr && model == guide_->fp_model()) {
+      ASSIGN_OR_RETURN(r, engine_->EvalTwinBatch(x, labels));
     } else {
       model->Forward(ctx_, x, &logits);
       ASSIGN_OR_RETURN(r, kernels::SoftmaxCrossEntropy(ctx_.cpu, m, logits.dim(1), logits.data(),
@@ -734,6 +745,11 @@ absl::StatusOr<TrainSummary> Trainer::Run() {
           return RankError(e.status(), step);
         }
         r = *e;
+        if (guide_ != nullptr) {
+          const GuidedStepResult g = engine_->LastGuidedStep();
+          guidance_sum += g.guidance;
+          if (!std::isfinite(g.fp.mean_loss) || !std::isfinite(g.guidance)) r.mean_loss = NAN;
+        }
       } else if (guide_ != nullptr) {
         // Both networks forward and backward (the low-bit one's gradients reach the bucketer).
         if (bucketer_ != nullptr) bucketer_->BeginStep(step);
@@ -776,7 +792,7 @@ absl::StatusOr<TrainSummary> Trainer::Run() {
         }
       }
       if (engine_ == nullptr) sgd_->Step(ctx_.cpu, lr);
-      if (guide_ != nullptr) guide_->StepFp(ctx_.cpu, lr);
+      if (guide_ != nullptr && engine_ == nullptr) guide_->StepFp(ctx_.cpu, lr);
       ++step;
 
       const double step_seconds = step_timer.Seconds();
@@ -846,10 +862,10 @@ absl::StatusOr<TrainSummary> Trainer::Run() {
     // Every rank's running statistics and train sums (the communication thread is idle here).
     if (engine_ != nullptr) RETURN_IF_ERROR(RankError(engine_->PullState(), step));
     RETURN_IF_ERROR(RankError(AverageBuffers(buffers_), step));
+    if (guide_ != nullptr) RETURN_IF_ERROR(RankError(AverageBuffers(guide_->fp_buffers()), step));
     if (engine_ != nullptr && world_size_ > 1) {
       RETURN_IF_ERROR(RankError(engine_->PushState(), step));
     }
-    if (guide_ != nullptr) RETURN_IF_ERROR(RankError(AverageBuffers(guide_->fp_buffers()), step));
     if (world_size_ > 1) {
       double sums[3] = {loss_sum, static_cast<double>(correct_sum), static_cast<double>(seen)};
       RETURN_IF_ERROR(RankError(comm_->AllReduceSum(sums), step));

@@ -278,7 +278,8 @@ class Trainer {
   std::vector<GradientBucket> engine_buckets_;   // the plan handed to a step engine
                                                 // or an engine runs the step
   std::unique_ptr<StepEngine> engine_;          // null: the CPU layers run the step
-  std::vector<GradientBucket> twin_buckets_;    // guided runs with a bucketer only
+  std::vector<GradientBucket> twin_buckets_;    // guided runs with a communicator
+  TwinInputs twin_inputs_;                      // guided runs on a step engine
   std::vector<float> twin_flat_;
 };
 

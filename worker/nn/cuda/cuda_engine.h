@@ -16,6 +16,12 @@
 // communicator (MPI, parameter server, or a one-process codec) and copied back. Buckets are
 // averaged after backward, in the bucket plan's order (no overlap with backward yet).
 //
+// Guided training (StepEngineInputs::twin): the full-precision twin is compiled the same way, both
+// root Sequentials are tapped at the guidance points (GpuSequential), and the front graph runs
+// both forwards and losses, the guidance term (Q, the distance, its two gradients; GuidanceDiff)
+// and both backwards; the back graph steps both optimizers. Gradients of both networks are
+// averaged, each network's buckets under its own keys.
+//
 // Agreement with the CPU engine: the same initial weights and data order; kernels differ in
 // summation order and FMA use, so losses agree to floating-point noise, not bit for bit.
 //

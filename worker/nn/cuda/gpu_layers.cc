@@ -3,6 +3,7 @@
 #include <algorithm>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "common/status_macros.h"
 #include "worker/kernels/cuda/activation.h"
 #include "worker/kernels/cuda/batch_norm.h"
@@ -45,50 +46,87 @@ absl::Status Unimplemented(Layer* layer, std::string_view why) {
 
 // ---- Sequential ---------------------------------------------------------------------------------
 
-class GpuSequential : public GpuLayer {
- public:
-  GpuSequential(std::string name, std::vector<std::unique_ptr<GpuLayer>> children)
-      : GpuLayer(std::move(name)), children_(std::move(children)) {}
+}  // namespace
 
-  absl::StatusOr<Shape> Plan(const Shape& max_input, Planner* planner) override {
-    Shape s = max_input;
-    int64_t most = 0;
-    for (auto& c : children_) {
-      ASSIGN_OR_RETURN(s, c->Plan(s, planner));
-      most = std::max(most, NumElements(s));
+absl::Status GpuSequential::SetTaps(const std::vector<std::string>& names) {
+  const size_t n = children_.size();
+  tap_of_child_.assign(n, -1);
+  for (size_t k = 0; k < names.size(); ++k) {
+    size_t found = n;
+    for (size_t i = 0; i + 1 < n; ++i) {
+      if (children_[i]->name() == names[k]) found = i;
     }
-    most = std::max(most, NumElements(max_input));
-    RETURN_IF_ERROR(Reserve(&grad_[0], most));
-    RETURN_IF_ERROR(Reserve(&grad_[1], most));
-    return s;
-  }
-
-  absl::Status Forward(const GpuPass& pass, const DeviceTensor& x, DeviceTensor* y) override {
-    DeviceTensor in = x;
-    for (auto& c : children_) {
-      DeviceTensor out;
-      RETURN_IF_ERROR(c->Forward(pass, in, &out));
-      in = out;
+    if (found == n) {
+      std::vector<std::string> all;
+      for (size_t i = 0; i + 1 < n; ++i) all.push_back(children_[i]->name());
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--guide_layers: '", names[k], "' is not a layer before the output; layers: ",
+          absl::StrJoin(all, ",")));
     }
-    *y = in;
-    return absl::OkStatus();
-  }
-
-  absl::Status Backward(const GpuPass& pass, const DeviceTensor& dy, DeviceTensor* dx) override {
-    DeviceTensor g = dy;
-    for (size_t i = children_.size(); i-- > 0;) {
-      if (i == 0) return children_[0]->Backward(pass, g, dx);
-      DeviceTensor next{grad_[i % 2].data(), {}};
-      RETURN_IF_ERROR(children_[i]->Backward(pass, g, &next));
-      g = next;
+    if (tap_of_child_[found] >= 0) {
+      return absl::InvalidArgumentError(absl::StrCat("--guide_layers names '", names[k], "' twice"));
     }
-    return absl::OkStatus();
+    tap_of_child_[found] = static_cast<int>(k);
   }
+  tap_out_.assign(names.size(), DeviceTensor{});
+  tap_plan_.assign(names.size(), Shape{});
+  tap_grad_.clear();
+  tap_grad_.resize(names.size());
+  return absl::OkStatus();
+}
 
- private:
-  std::vector<std::unique_ptr<GpuLayer>> children_;
-  DeviceArray<float> grad_[2];  // ping-pong gradients between children
-};
+absl::StatusOr<Shape> GpuSequential::Plan(const Shape& max_input, Planner* planner) {
+  Shape s = max_input;
+  int64_t most = 0;
+  for (size_t i = 0; i < children_.size(); ++i) {
+    ASSIGN_OR_RETURN(s, children_[i]->Plan(s, planner));
+    most = std::max(most, NumElements(s));
+    if (!tap_of_child_.empty() && tap_of_child_[i] >= 0) {
+      const auto k = static_cast<size_t>(tap_of_child_[i]);
+      tap_plan_[k] = s;
+      RETURN_IF_ERROR(Reserve(&tap_grad_[k], NumElements(s)));
+    }
+  }
+  most = std::max(most, NumElements(max_input));
+  RETURN_IF_ERROR(Reserve(&grad_[0], most));
+  RETURN_IF_ERROR(Reserve(&grad_[1], most));
+  if (!tap_of_child_.empty()) RETURN_IF_ERROR(Reserve(&grad_[2], most));
+  return s;
+}
+
+absl::Status GpuSequential::Forward(const GpuPass& pass, const DeviceTensor& x, DeviceTensor* y) {
+  DeviceTensor in = x;
+  for (size_t i = 0; i < children_.size(); ++i) {
+    DeviceTensor out;
+    RETURN_IF_ERROR(children_[i]->Forward(pass, in, &out));
+    if (!tap_of_child_.empty() && tap_of_child_[i] >= 0) {
+      tap_out_[static_cast<size_t>(tap_of_child_[i])] = out;
+    }
+    in = out;
+  }
+  *y = in;
+  return absl::OkStatus();
+}
+
+absl::Status GpuSequential::Backward(const GpuPass& pass, const DeviceTensor& dy,
+                                     DeviceTensor* dx) {
+  DeviceTensor g = dy;
+  for (size_t i = children_.size(); i-- > 0;) {
+    if (!tap_of_child_.empty() && tap_of_child_[i] >= 0) {
+      const float* extra = tap_grad_[static_cast<size_t>(tap_of_child_[i])].data();
+      const int64_t n = tap_out_[static_cast<size_t>(tap_of_child_[i])].size();
+      RETURN_IF_ERROR(kc::Add(pass.ctx, n, g.data, extra, grad_[2].data()));
+      g = DeviceTensor{grad_[2].data(), g.shape};
+    }
+    if (i == 0) return children_[0]->Backward(pass, g, dx);
+    DeviceTensor next{grad_[i % 2].data(), {}};
+    RETURN_IF_ERROR(children_[i]->Backward(pass, g, &next));
+    g = next;
+  }
+  return absl::OkStatus();
+}
+
+namespace {
 
 // ---- Conv2d / Linear ----------------------------------------------------------------------------
 

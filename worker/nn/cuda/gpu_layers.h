@@ -105,6 +105,38 @@ class GpuLayer {
 // UNIMPLEMENTED naming the layer (its name and Describe()) when a layer type has no GPU twin.
 absl::StatusOr<std::unique_ptr<GpuLayer>> CompileLayer(Layer* layer, DeviceState* state);
 
+// The twin of an nn::Sequential, with guided training's taps (train/guided.h's TapRunner on the
+// GPU): after Forward the output of each tapped child is readable, and during Backward a gradient
+// the caller wrote into that tap's buffer is added to the gradient reaching that child's output.
+class GpuSequential : public GpuLayer {
+ public:
+  GpuSequential(std::string name, std::vector<std::unique_ptr<GpuLayer>> children)
+      : GpuLayer(std::move(name)), children_(std::move(children)) {}
+
+  // Before Plan. INVALID_ARGUMENT naming the children when a name is not a direct child before
+  // the last one, or is named twice.
+  absl::Status SetTaps(const std::vector<std::string>& names);
+  // Tap k's output of the last Forward (the child's own buffer).
+  const DeviceTensor& tap(int k) const { return tap_out_[static_cast<size_t>(k)]; }
+  // Tap k's extra gradient: a device buffer of the tap's size at the planned batch (Plan allocates
+  // it), added during every Backward, so the caller rewrites it before each one.
+  float* tap_grad(int k) { return tap_grad_[static_cast<size_t>(k)].data(); }
+  // Tap k's shape at the planned (largest) input, after Plan.
+  const Shape& planned_tap_shape(int k) const { return tap_plan_[static_cast<size_t>(k)]; }
+
+  absl::StatusOr<Shape> Plan(const Shape& max_input, Planner* planner) override;
+  absl::Status Forward(const GpuPass& pass, const DeviceTensor& x, DeviceTensor* y) override;
+  absl::Status Backward(const GpuPass& pass, const DeviceTensor& dy, DeviceTensor* dx) override;
+
+ private:
+  std::vector<std::unique_ptr<GpuLayer>> children_;
+  qtrain::cuda::DeviceArray<float> grad_[3];  // ping-pong gradients between children; tap sums
+  std::vector<int> tap_of_child_;             // per child: tap index or -1 (empty: no taps)
+  std::vector<DeviceTensor> tap_out_;
+  std::vector<Shape> tap_plan_;
+  std::vector<qtrain::cuda::DeviceArray<float>> tap_grad_;
+};
+
 }  // namespace qtrain::nn::cuda
 
 #endif  // QTRAIN_WORKER_NN_CUDA_GPU_LAYERS_H_
