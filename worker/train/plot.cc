@@ -78,6 +78,9 @@ const std::map<char, std::array<const char*, 7>>& Font() {
       {'(', {"   # ", "  #  ", " #   ", " #   ", " #   ", "  #  ", "   # "}},
       {')', {" #   ", "  #  ", "   # ", "   # ", "   # ", "  #  ", " #   "}},
       {'_', {"     ", "     ", "     ", "     ", "     ", "     ", "#####"}},
+      {'|', {"  #  ", "  #  ", "  #  ", "  #  ", "  #  ", "  #  ", "  #  "}},
+      {'>', {" #   ", "  #  ", "   # ", "    #", "   # ", "  #  ", " #   "}},
+      {'<', {"   # ", "  #  ", " #   ", "#    ", " #   ", "  #  ", "   # "}},
   };
   return *font;
 }
@@ -277,7 +280,7 @@ absl::StatusOr<std::string> RenderPlot(const std::vector<Series>& series,
 
   const int s = 2;  // font scale
   const int w = options.width, h = options.height;
-  const int left = 70, right = w - 20, top = 50, bottom = h - 60;
+  const int left = 70, right = w - 20, top = 68, bottom = h - 60;
   Canvas c(w, h);
   auto px = [&](double epoch) {
     return left + (epoch - 1) / std::max<double>(1, static_cast<double>(epochs) - 1) * (right - left);
@@ -303,7 +306,7 @@ absl::StatusOr<std::string> RenderPlot(const std::vector<Series>& series,
   c.Line(left, bottom, right, bottom, kBlack, 2);
   const std::string xlabel = "epoch";
   c.Text((left + right - Canvas::TextWidth(xlabel, s)) / 2, bottom + 32, xlabel, kBlack, s);
-  c.Text(8, top - 28, "test accuracy %", kBlack, s);
+  c.Text(8, top - 24, "test accuracy %", kBlack, s);
   c.Text((w - Canvas::TextWidth(options.title, s)) / 2, 10, options.title, kBlack, s);
 
   for (size_t m = 0; m < options.marks.size(); ++m) {
