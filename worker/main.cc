@@ -143,6 +143,10 @@ ABSL_FLAG(int64_t, update_epochs, 1,
           "qtrain ldnq: epochs of the weights update (layers above, MSE to the FP logits) after "
           "each layer.");
 ABSL_FLAG(double, update_lr, 0.001, "qtrain ldnq: SGD learning rate of the weights update.");
+ABSL_FLAG(bool, refresh_bn, true,
+          "qtrain ldnq: after each layer, recompute the batch-norm statistics from the partially "
+          "quantized cascade (every --method; false with --method=dq is the paper's DQ: the "
+          "projection alone).");
 ABSL_FLAG(double, admm_rho, 0, "qtrain ldnq: ADMM penalty rho (0: --admm_rho_scale * H[0][0]).");
 ABSL_FLAG(double, admm_rho_scale, 0.1,
           "qtrain ldnq: rho = this * H[0][0] when --admm_rho is 0 (the authors' code: 1).");
@@ -321,6 +325,7 @@ absl::Status RunSubcommand(const std::string& command, int* argc, char*** argv) 
     options.retrain_lr = absl::GetFlag(FLAGS_retrain_lr);
     options.update_epochs = static_cast<int>(absl::GetFlag(FLAGS_update_epochs));
     options.update_lr = absl::GetFlag(FLAGS_update_lr);
+    options.refresh_bn = absl::GetFlag(FLAGS_refresh_bn);
     options.admm.rho = absl::GetFlag(FLAGS_admm_rho);
     options.admm.rho_scale = absl::GetFlag(FLAGS_admm_rho_scale);
     options.admm.alpha_starts = absl::GetFlag(FLAGS_admm_alpha_starts);

@@ -300,6 +300,41 @@ TEST(LdnqCommandTest, KeepFirstLastFullPrecision) {
   std::filesystem::remove_all(dir);
 }
 
+// --refresh_bn=false (the paper's DQ): the batch-norm statistics stay those of the FP checkpoint;
+// with the refresh (the default) they are recomputed from the quantized cascade.
+TEST(LdnqCommandTest, RefreshBnOffKeepsTheCheckpointStatistics) {
+  const std::string dir = TempDir("ldnq_bn");
+  WriteFpCheckpoint("cnn", dir + "/fp");
+  absl::StatusOr<pb::Checkpoint> fp =
+      train::ReadCheckpointFile(dir + "/fp/" + std::string(kCheckpointFileName));
+  ASSERT_TRUE(fp.ok()) << fp.status();
+  for (bool refresh : {false, true}) {
+    const std::string out = dir + (refresh ? "/on" : "/off");
+    LdnqCommandOptions o = Options("cnn", dir + "/fp", out);
+    o.method = LdnqMethod::kDq;
+    o.refresh_bn = refresh;
+    absl::StatusOr<LdnqReport> report = RunLdnq(o);
+    ASSERT_TRUE(report.ok()) << report.status();
+    absl::StatusOr<pb::Checkpoint> q =
+        train::ReadCheckpointFile(out + "/" + std::string(kCheckpointFileName));
+    ASSERT_TRUE(q.ok()) << q.status();
+    ASSERT_EQ(q->buffers_size(), fp->buffers_size());
+    ASSERT_GT(fp->buffers_size(), 0);
+    int same = 0;
+    for (int i = 0; i < fp->buffers_size(); ++i) {
+      ASSERT_EQ(q->buffers(i).name(), fp->buffers(i).name());
+      same += std::equal(q->buffers(i).values().begin(), q->buffers(i).values().end(),
+                         fp->buffers(i).values().begin(), fp->buffers(i).values().end());
+    }
+    if (refresh) {
+      EXPECT_LT(same, fp->buffers_size());
+    } else {
+      EXPECT_EQ(same, fp->buffers_size());
+    }
+  }
+  std::filesystem::remove_all(dir);
+}
+
 TEST(LdnqCommandTest, BadInputs) {
   const std::string dir = TempDir("ldnq_bad");
   LdnqCommandOptions o = Options("cnn", dir + "/missing", dir + "/out");
