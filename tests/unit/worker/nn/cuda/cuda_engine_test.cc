@@ -134,6 +134,16 @@ absl::StatusOr<TrainRun> Train(const std::string& name, const std::string& quant
   return run;
 }
 
+// ||a - b|| / ||a||.
+double RelativeDistance(const std::vector<float>& a, const std::vector<float>& b) {
+  double diff = 0, norm = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    diff += (a[i] - b[i]) * double(a[i] - b[i]);
+    norm += double(a[i]) * a[i];
+  }
+  return std::sqrt(diff / norm);
+}
+
 void ExpectClose(const TrainRun& cpu, const TrainRun& gpu, double loss_tol, double weight_tol) {
   ASSERT_EQ(cpu.losses.size(), gpu.losses.size());
   for (size_t i = 0; i < cpu.losses.size(); ++i) {
@@ -142,12 +152,7 @@ void ExpectClose(const TrainRun& cpu, const TrainRun& gpu, double loss_tol, doub
   }
   EXPECT_NEAR(cpu.eval_loss, gpu.eval_loss, loss_tol * std::max(1.0, std::abs(cpu.eval_loss)));
   ASSERT_EQ(cpu.weights.size(), gpu.weights.size());
-  double diff = 0, norm = 0;
-  for (size_t i = 0; i < cpu.weights.size(); ++i) {
-    diff += (cpu.weights[i] - gpu.weights[i]) * double(cpu.weights[i] - gpu.weights[i]);
-    norm += double(cpu.weights[i]) * cpu.weights[i];
-  }
-  EXPECT_LT(std::sqrt(diff / norm), weight_tol);
+  EXPECT_LT(RelativeDistance(cpu.weights, gpu.weights), weight_tol);
 }
 
 class CudaEngineModelTest : public ::testing::TestWithParam<std::string> {};
@@ -264,15 +269,6 @@ absl::StatusOr<GuidedRun> TrainGuided(const std::string& name, int bits, float l
   run.weights = Flatten(*model);
   run.fp_weights = Flatten(*guide->fp_model());
   return run;
-}
-
-double RelativeDistance(const std::vector<float>& a, const std::vector<float>& b) {
-  double diff = 0, norm = 0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    diff += (a[i] - b[i]) * double(a[i] - b[i]);
-    norm += double(a[i]) * a[i];
-  }
-  return std::sqrt(diff / norm);
 }
 
 // cnn: relu4 is PACT's quantizer (Q active, alpha shared), relu5 the ReLU before the
