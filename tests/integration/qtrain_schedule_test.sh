@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # End-to-end checks of the training schedules (issue 9; worker/train/schedule.h, guided.h) on a
 # few hundred real Fashion-MNIST images: a two-stage run learns and changes phase, resume with a
-# different schedule is refused, a guided run reports its full-precision twin, bad flags fail
-# clearly. Usage: qtrain_schedule_test.sh <path to qtrain>
+# different schedule is refused, a guided run reports its full-precision twin (and qtrain_plot
+# draws it), bad flags fail clearly. Usage: qtrain_schedule_test.sh <path to qtrain>
 set -uo pipefail
 qtrain=$1
 data=/usr/share/datasets/fashion-mnist
@@ -29,8 +29,17 @@ check "resume of a finished schedule trains nothing" 0 "epochs=0 " -- \
   "$qtrain" "${common[@]}" --quant=dorefa:w=2,a=2 --schedule=ts --stage_epochs=1,1 \
   --checkpoint_dir="$work/ts" --resume
 check "guided run reports the twin" 0 "full-precision twin final_test_accuracy=" -- \
-  "$qtrain" "${common[@]}" --quant=dorefa:w=2,a=2 --guided --lambda=0.1 --epochs=1 \
-  --max_steps_per_epoch=4
+  "$qtrain" "${common[@]}" --quant=dorefa:w=2,a=2 --guided --lambda=0.1 --epochs=2 \
+  --max_steps_per_epoch=4 --metrics="$work/guided.jsonl"
+# qtrain_plot (worker/train/plot.h) draws that run's accuracy per epoch; bad input is named.
+plot="$(dirname "$qtrain")/qtrain_plot"
+check "qtrain_plot draws a run" 0 "wrote .*guided.png \(1 series" -- \
+  "$plot" --out="$work/guided.png" --title="guided" "guided=$work/guided.jsonl"
+check "the plot is a PNG" 0 "89504e470d0a1a0a" -- bash -c "head -c 8 '$work/guided.png' | od -An -tx1 | tr -d ' \n'"
+check "qtrain_plot names a missing file" 1 "cannot open metrics file '$work/nope.jsonl'" -- \
+  "$plot" --out="$work/x.png" "a=$work/nope.jsonl"
+check "qtrain_plot refuses a file without epoch records" 1 "no epoch records" -- \
+  "$plot" --out="$work/x.png" "a=$0"
 check "bad schedule" 1 "--schedule must be none, ts, pq or pq\+ts" -- \
   "$qtrain" "${common[@]}" --schedule=foo
 check "pq bits must decrease" 1 "--bits must decrease" -- \
@@ -39,5 +48,7 @@ check "stage epochs per phase" 1 "--stage_epochs needs one entry per phase" -- \
   "$qtrain" "${common[@]}" --quant=dorefa:w=2,a=2 --schedule=pq+ts --bits=32,2 --stage_epochs=1,1
 check "bad guide layer lists the layers" 1 "relu4" -- \
   "$qtrain" "${common[@]}" --quant=dorefa:w=2,a=2 --guided --guide_layers=nope
+check "--lambda without --guided" 1 "--lambda and --guide_layers need --guided" -- \
+  "$qtrain" "${common[@]}" --quant=dorefa:w=2,a=2 --lambda=0.1
 
 finish
