@@ -21,6 +21,7 @@
 #include "absl/flags/usage_config.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "common/malloc_tuning.h"
 #include "common/logging.h"
 #include "common/status_macros.h"
 #include "server/ps_core.h"
@@ -149,6 +150,7 @@ absl::Status Run() {
 }  // namespace qtrain::server
 
 int main(int argc, char** argv) {
+  qtrain::KeepLargeAllocationsInHeap();  // common/malloc_tuning.h
   absl::FlagsUsageConfig usage;
   usage.contains_help_flags = [](absl::string_view file) {
     return absl::EndsWith(file, "server/main.cc");

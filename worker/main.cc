@@ -20,6 +20,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
+#include "common/malloc_tuning.h"
 #include "common/logging.h"
 #include "common/status_macros.h"
 #include "common/timer.h"
@@ -581,6 +582,7 @@ bool UseNccl() {
 }  // namespace qtrain
 
 int main(int argc, char** argv) {
+  qtrain::KeepLargeAllocationsInHeap();  // common/malloc_tuning.h
   absl::FlagsUsageConfig usage;
   usage.contains_help_flags = [](absl::string_view file) {
     return absl::EndsWith(file, "worker/main.cc");

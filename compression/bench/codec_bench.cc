@@ -25,6 +25,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
 #include "benchmark/benchmark.h"
+#include "common/malloc_tuning.h"
 #include "compression/builtin_codecs.h"
 #include "compression/codec.h"
 #include "compression/codec_registry.h"
@@ -218,6 +219,7 @@ std::string TakeFlag(int* argc, char** argv, const std::string& name, const std:
 }  // namespace qtrain::compression
 
 int main(int argc, char** argv) {
+  qtrain::KeepLargeAllocationsInHeap();  // common/malloc_tuning.h
   using namespace qtrain::compression;
   std::string sizes_flag = TakeFlag(&argc, argv, "sizes", "1048576,26214400");
   std::string specs_flag = TakeFlag(&argc, argv, "codecs", "");

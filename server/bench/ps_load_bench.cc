@@ -65,6 +65,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "common/logging.h"
+#include "common/malloc_tuning.h"
 #include "common/status_macros.h"
 #include "compression/codec.h"
 #include "compression/rng.h"
@@ -705,6 +706,7 @@ absl::StatusOr<Options> ReadFlags() {
 }  // namespace qtrain::bench
 
 int main(int argc, char** argv) {
+  qtrain::KeepLargeAllocationsInHeap();  // common/malloc_tuning.h
   absl::SetProgramUsageMessage(
       "synthetic parameter-server workers: push a pre-encoded gradient and pull the update, "
       "pipelined, and print the rates against the server's link (see server/bench/"
