@@ -350,7 +350,8 @@ absl::Status ServerCore::Register(const pb::RegisterRequest& request,
     Worker& w = workers_[id];
     if (!w.joining) {
       QTRAIN_LOG(INFO) << "worker " << id << " registered to join the running job (version "
-                       << version_ << "); not in the quorum until its first accepted push";
+                       << version_ << "); rounds wait for it once it has its state, and it is in the "
+                          "quorum from its first accepted push";
     }
     w.joining = true;
     w.last_seen = Now();
@@ -541,6 +542,12 @@ absl::Status ServerCore::Push(const pb::PushRequest& request, pb::PushResponse* 
   return absl::OkStatus();
 }
 
+bool ServerCore::HandedOver(int worker) const {
+  auto it = handovers_.find(worker);
+  return it != handovers_.end() && it->second.pieces > 0 &&
+         it->second.received >= it->second.pieces;
+}
+
 void ServerCore::MarkJoined(int worker, uint32_t bucket_id, int64_t step) {
   Worker& w = workers_[worker];
   if (!w.joining) return;
@@ -600,7 +607,9 @@ void ServerCore::MaybeCloseSync(uint32_t bucket_id, Bucket& b, bool deadline_onl
   if (!deadline_only && QuorumReady()) {
     all = true;
     for (const auto& [id, w] : workers_) {
-      if (w.live && b.pushed.count(id) == 0) {
+      // A joining worker that has its state waits in the quorum: without it a joiner a step
+      // behind the others would find every round closed (STALE_STEP) and never catch up.
+      if ((w.live || (w.joining && HandedOver(id))) && b.pushed.count(id) == 0) {
         all = false;
         break;
       }

@@ -195,7 +195,8 @@ class ServerCore {
   };
   struct Worker {
     bool live = false;
-    bool joining = false;  // registered into a job in progress; live at its first accepted push
+    bool joining = false;  // registered into a job in progress; waited for once handed its state,
+                          // live at its first accepted push
     double last_seen = 0;
   };
   // Shard 0: the state handed over to one joining worker.
@@ -239,6 +240,8 @@ class ServerCore {
   void MaybeCloseSync(uint32_t bucket_id, Bucket& bucket, bool deadline_only);
   // A joining worker's first accepted push puts it back in the quorum. Caller holds mu_.
   void MarkJoined(int worker, uint32_t bucket_id, int64_t step);
+  // True once a joining worker's state handover is complete (every piece uploaded).
+  bool HandedOver(int worker) const;
   void MaybeCloseCollective(uint64_t seq, CollectiveState& c, bool deadline_passed);
   void Changed();
   absl::Status WriteCheckpointLocked();
