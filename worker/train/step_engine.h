@@ -65,9 +65,7 @@ class StepEngine {
   virtual GuidedStepResult LastGuidedStep() const { return {}; }
   // With a twin: the twin's forward in evaluation mode. FAILED_PRECONDITION without one.
   virtual absl::StatusOr<kernels::SoftmaxXentResult> EvalTwinBatch(
-      const nn::Tensor& x, std::span<const int32_t> labels) {
-    (void)x;
-    (void)labels;
+      const nn::Tensor& /*x*/, std::span<const int32_t> /*labels*/) {
     return absl::FailedPreconditionError("this step engine has no full-precision twin");
   }
 };

@@ -100,6 +100,16 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(nn::Layer* model, Model
                                                         const TrainerOptions& options,
                                                         kernels::CpuContext cpu,
                                                         comm::Communicator* comm) {
+  ASSIGN_OR_RETURN(std::unique_ptr<Trainer> t,
+                   CreateDetached(model, std::move(info), data, augment, options, cpu, comm));
+  RETURN_IF_ERROR(t->AttachModel(model));
+  return t;
+}
+
+absl::StatusOr<std::unique_ptr<Trainer>> Trainer::CreateDetached(
+    nn::Layer* model, ModelInfo info, const data::DataSplits* data,
+    const data::AugmentOptions& augment, const TrainerOptions& options, kernels::CpuContext cpu,
+    comm::Communicator* comm) {
   if (comm == nullptr) return absl::InvalidArgumentError("Trainer::Create: null communicator");
   RETURN_IF_ERROR(ValidateTrainerOptions(options));
   if (data->train.size() == 0 || data->test.size() == 0) {
@@ -124,7 +134,6 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(nn::Layer* model, Model
   t->rank_ = comm->rank();
   t->world_size_ = comm->world_size();
   if (t->rank_ != 0) t->options_.progress = false;
-  RETURN_IF_ERROR(t->AttachModel(model));
   return t;
 }
 
@@ -202,8 +211,9 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::CreatePhased(
         "the schedule's phases sum to ", total, " epochs but --epochs is ", options.epochs));
   }
   ASSIGN_OR_RETURN(std::unique_ptr<nn::Layer> first, plan.build(0));
-  ASSIGN_OR_RETURN(std::unique_ptr<Trainer> t,
-                   Create(first.get(), std::move(info), data, augment, options, cpu, comm));
+  // Attached below, once the guide (and the engine's twin) is known: the engine is built once.
+  ASSIGN_OR_RETURN(std::unique_ptr<Trainer> t, CreateDetached(first.get(), std::move(info), data,
+                                                              augment, options, cpu, comm));
   t->owned_model_ = std::move(first);
   t->plan_ = std::make_unique<PhasePlan>(std::move(plan));
   int64_t begin = 0;
@@ -221,8 +231,7 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::CreatePhased(
   }
   if (t->guide_ != nullptr) {
     RETURN_IF_ERROR(t->guide_->Bind(t->model_, t->plan_->activation[0]));
-    if (options.engine) {
-      // The engine runs the twin too: rebuild it with the twin attached.
+    if (options.engine) {  // the engine runs the twin too
       TwinInputs& twin = t->twin_inputs_;
       twin.model = t->guide_->fp_model();
       twin.params = t->guide_->fp_params();
@@ -231,9 +240,9 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::CreatePhased(
       twin.buckets = t->twin_buckets_;
       twin.taps = t->guide_->options().layers;
       twin.lambda = t->guide_->options().lambda;
-      RETURN_IF_ERROR(t->AttachModel(t->model_));
     }
   }
+  RETURN_IF_ERROR(t->AttachModel(t->model_));
   return t;
 }
 

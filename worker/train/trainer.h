@@ -192,8 +192,8 @@ class Trainer {
                                                          comm::Communicator* comm);
 
   // A phased (and optionally guided) run: the trainer builds and owns the model of each phase
-  // (see PhasePlan). `guide` (may be null) is the full-precision twin for guided training; guided
-  // training is single-process only for now (INVALID_ARGUMENT with world_size > 1).
+  // (see PhasePlan). `guide` (may be null) is the full-precision twin for guided training (its
+  // gradients are averaged too; on a step engine the engine runs it).
   static absl::StatusOr<std::unique_ptr<Trainer>> CreatePhased(PhasePlan plan,
                                                                std::unique_ptr<Guide> guide,
                                                                ModelInfo info,
@@ -246,7 +246,12 @@ class Trainer {
   // calling thread after the low-bit buckets are done (no overlap with backward).
   absl::Status AverageTwinGradients(comm::StepStats* stats);
   absl::StatusOr<uint64_t> CheckWeightsIdentical();
-  // Makes `model` the trained model: parameters, buffers, a fresh SGD and bucketer.
+  // Create without AttachModel: checks the arguments and fills in everything but the model.
+  static absl::StatusOr<std::unique_ptr<Trainer>> CreateDetached(
+      nn::Layer* model, ModelInfo info, const data::DataSplits* data,
+      const data::AugmentOptions& augment, const TrainerOptions& options, kernels::CpuContext cpu,
+      comm::Communicator* comm);
+  // Makes `model` the trained model: parameters, buffers, a fresh SGD and bucketer (or engine).
   absl::Status AttachModel(nn::Layer* model);
   // Builds phase `phase`'s model, copying the current one's state into it if `copy_state`.
   absl::Status EnterPhase(int phase, bool copy_state);
