@@ -97,6 +97,26 @@ struct SquareTerm {
   }
 };
 
+// e = a - b into pos / neg (scaled) while summing e^2; Finish adds the total to *sum_sq.
+struct DiffScaledSumSquaresOp {
+  using Acc = detail::Sum1;
+  const float* __restrict__ a;
+  const float* __restrict__ b;
+  float scale;
+  float* pos;
+  float* neg;
+  double* sum_sq;
+  __device__ Acc Identity() const { return {0.0}; }
+  __device__ void Accumulate(Acc& acc, int64_t i) const {
+    const float e = a[i] - b[i];
+    acc.s += static_cast<double>(e) * e;
+    if (pos != nullptr) pos[i] = scale * e;
+    if (neg != nullptr) neg[i] = -scale * e;
+  }
+  __device__ Acc Combine(const Acc& x, const Acc& y) const { return {x.s + y.s}; }
+  __device__ void Finish(const Acc& total) const { *sum_sq += total.s; }
+};
+
 absl::Status CheckElementwise(const char* what, int64_t n,
                               std::initializer_list<NamedPointer> pointers) {
   RETURN_IF_ERROR(CheckAtLeast(what, "n", n, 0));
@@ -177,6 +197,17 @@ absl::Status Dot(const CudaContext& ctx, int64_t n, const float* a, const float*
 absl::Status SumSquares(const CudaContext& ctx, int64_t n, const float* x, DeviceScalarOut out,
                         void* workspace) {
   return LaunchSum(ctx, "cuda SumSquares", n, SquareTerm{x}, out, workspace, {{"x", x}});
+}
+
+absl::Status DiffScaledSumSquares(const CudaContext& ctx, int64_t n, const float* a,
+                                  const float* b, float scale, float* pos, float* neg,
+                                  double* sum_sq, void* workspace) {
+  const char* what = "cuda DiffScaledSumSquares";
+  RETURN_IF_ERROR(CheckElementwise(what, n, {{"a", a}, {"b", b}}));
+  RETURN_IF_ERROR(CheckNotNull(what, {{"sum_sq", sum_sq}}));
+  RETURN_IF_ERROR(CheckWorkspace(what, workspace));
+  return detail::LaunchReduce(ctx, what, n,
+                              DiffScaledSumSquaresOp{a, b, scale, pos, neg, sum_sq}, workspace);
 }
 
 }  // namespace qtrain::kernels::cuda

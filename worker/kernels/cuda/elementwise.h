@@ -61,6 +61,12 @@ absl::Status Dot(const CudaContext& ctx, int64_t n, const float* a, const float*
                  DeviceScalarOut out, void* workspace);
 absl::Status SumSquares(const CudaContext& ctx, int64_t n, const float* x, DeviceScalarOut out,
                         void* workspace);
+// With e = a - b: pos = scale * e and neg = -scale * e (either may be null), and
+// *sum_sq += sum_i e_i^2 in double, in the flat reductions' fixed order (guided training's
+// distance and its two gradients in one pass). `workspace` as for Sum.
+absl::Status DiffScaledSumSquares(const CudaContext& ctx, int64_t n, const float* a,
+                                  const float* b, float scale, float* pos, float* neg,
+                                  double* sum_sq, void* workspace);
 
 }  // namespace qtrain::kernels::cuda
 

@@ -12,11 +12,12 @@
 #include "common/logging.h"
 #include "common/status_macros.h"
 #include "common/timer.h"
+#include "worker/kernels/cuda/elementwise.h"
+#include "worker/kernels/cuda/launch_util.h"
 #include "worker/kernels/cuda/optimizer.h"
 #include "worker/kernels/cuda/softmax_xent.h"
 #include "worker/nn/cuda/gpu_layers.h"
 #include "worker/nn/cuda/gpu_quant_layers.h"
-#include "worker/nn/cuda/layer_kernels.h"
 #include "worker/nn/sequential.h"
 #include "worker/quant/activation_quantizer.h"
 
@@ -114,7 +115,6 @@ struct Net {
 struct GuidePoint {
   std::unique_ptr<GpuLayer> q;
   DeviceArray<float> qdiff;
-  Shape planned;  // the map's shape at the largest batch
 };
 
 class CudaEngine : public train::StepEngine {
@@ -162,8 +162,11 @@ class CudaEngine : public train::StepEngine {
   absl::Status EnqueueGuidance(const GpuPass& pass, int64_t m);
   absl::Status EnqueueBack();
   absl::Status AverageGradients(Net& net, comm::StepStats* stats);
-  // Copies totals_ (and the guidance sum) back; the result of totals_[slot].
-  absl::StatusOr<kernels::SoftmaxXentResult> Results(int slot);
+  // Copies totals_ back (and the guidance sum when `guidance`); the result of totals_[slot].
+  absl::StatusOr<kernels::SoftmaxXentResult> Results(int slot, bool guidance = false);
+  // Forward in evaluation mode of `net`, its loss into totals_[slot].
+  absl::StatusOr<kernels::SoftmaxXentResult> Eval(Net& net, int slot, const Tensor& x,
+                                                  std::span<const int32_t> labels);
 
   train::StepEngineInputs in_;
   std::string describe_;
@@ -176,7 +179,7 @@ class CudaEngine : public train::StepEngine {
   DeviceArray<float> x_, lr_;
   DeviceArray<int32_t> labels_;
   DeviceArray<kc::SoftmaxXentDeviceResult> totals_;  // [0] the network, [1] the twin
-  DeviceArray<double> guidance_;                     // [0] the sum of squares, then scratch
+  DeviceArray<double> guidance_;                     // the step's sum of squares
   kc::SgdStepOptions sgd_step_;
   PinnedArray<float> host_x_, host_lr_, host_bucket_;
   PinnedArray<int32_t> host_labels_;
@@ -261,7 +264,6 @@ absl::Status CudaEngine::BindGuidePoints(Planner* planner) {
           "guidance point ", twin.taps[k], ": the twin's map is ", ShapeToString(mu),
           ", the low-bit network's ", ShapeToString(nu)));
     }
-    p.planned = mu;
     for (int i = 0; i < host->num_children(); ++i) {
       Layer* child = &host->child(i);
       if (child->name() != twin.taps[k] ||
@@ -325,7 +327,10 @@ absl::StatusOr<std::unique_ptr<CudaEngine>> CudaEngine::Create(const train::Step
                                            max_input, &planner));
     e->twin_ = std::make_unique<Net>(std::move(twin));
     RETURN_IF_ERROR(e->BindGuidePoints(&planner));
-    ASSIGN_OR_RETURN(e->guidance_, DeviceArray<double>::Create(1 + kGuidanceScratch));
+    ASSIGN_OR_RETURN(e->guidance_, DeviceArray<double>::Create(1));
+    // DiffScaledSumSquares runs on the shared workspace.
+    planner.workspace_bytes = std::max<uint64_t>(planner.workspace_bytes,
+                                                 kc::kReductionWorkspaceBytes);
     RETURN_IF_ERROR(e->host_guidance_.Allocate(1));
   }
   e->classes_ = in.num_classes;
@@ -404,7 +409,6 @@ absl::Status CudaEngine::EnqueueGuidance(const GpuPass& pass, int64_t m) {
   QTRAIN_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(guidance_.data(), 0, sizeof(double), pass.ctx.stream));
   const float scale = in_.twin->lambda / static_cast<float>(m);
   double* sum = guidance_.data();
-  double* scratch = guidance_.data() + 1;
   for (size_t k = 0; k < points_.size(); ++k) {
     const int tap = static_cast<int>(k);
     GuidePoint& p = points_[k];
@@ -412,16 +416,18 @@ absl::Status CudaEngine::EnqueueGuidance(const GpuPass& pass, int64_t m) {
     const DeviceTensor& nu = net_.seq->tap(tap);
     const int64_t n = nu.size();
     if (p.q == nullptr) {
-      RETURN_IF_ERROR(GuidanceDiff(pass.ctx, n, mu.data, nu.data, scale, twin_->seq->tap_grad(tap),
-                                   net_.seq->tap_grad(tap), scratch, sum));
+      RETURN_IF_ERROR(kc::DiffScaledSumSquares(pass.ctx, n, mu.data, nu.data, scale,
+                                               twin_->seq->tap_grad(tap), net_.seq->tap_grad(tap),
+                                               sum, pass.workspace));
       continue;
     }
     // Q runs before the network's own backward, which then rewrites the quantizer's parameter
     // gradients: the guidance term's contribution to them is discarded, as on the CPU.
     DeviceTensor qmu;
     RETURN_IF_ERROR(p.q->Forward(pass, mu, &qmu));
-    RETURN_IF_ERROR(GuidanceDiff(pass.ctx, n, qmu.data, nu.data, scale, p.qdiff.data(),
-                                 net_.seq->tap_grad(tap), scratch, sum));
+    RETURN_IF_ERROR(kc::DiffScaledSumSquares(pass.ctx, n, qmu.data, nu.data, scale,
+                                             p.qdiff.data(), net_.seq->tap_grad(tap), sum,
+                                             pass.workspace));
     DeviceTensor dmu{twin_->seq->tap_grad(tap), mu.shape};
     RETURN_IF_ERROR(p.q->Backward(pass, DeviceTensor{p.qdiff.data(), mu.shape}, &dmu));
     if (dmu.data != twin_->seq->tap_grad(tap)) {  // a layer may answer in its own buffer
@@ -487,12 +493,12 @@ absl::Status CudaEngine::AverageGradients(Net& net, comm::StepStats* stats) {
   return absl::OkStatus();
 }
 
-absl::StatusOr<kernels::SoftmaxXentResult> CudaEngine::Results(int slot) {
+absl::StatusOr<kernels::SoftmaxXentResult> CudaEngine::Results(int slot, bool guidance) {
   cudaStream_t s = stream_.get();
   QTRAIN_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(host_totals_.data(), totals_.data(),
                                               2 * sizeof(kc::SoftmaxXentDeviceResult),
                                               cudaMemcpyDeviceToHost, s));
-  if (twin_ != nullptr) {
+  if (guidance) {
     QTRAIN_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(host_guidance_.data(), guidance_.data(),
                                                 sizeof(double), cudaMemcpyDeviceToHost, s));
   }
@@ -533,7 +539,7 @@ absl::StatusOr<kernels::SoftmaxXentResult> CudaEngine::TrainStep(const Tensor& x
     RETURN_IF_ERROR(EnqueueBack());
     ++g.eager_steps;
   }
-  ASSIGN_OR_RETURN(kernels::SoftmaxXentResult r, Results(0));
+  ASSIGN_OR_RETURN(kernels::SoftmaxXentResult r, Results(0, /*guidance=*/twin_ != nullptr));
   if (twin_ != nullptr) {
     last_guided_.lowbit = r;
     ASSIGN_OR_RETURN(last_guided_.fp,
@@ -543,13 +549,18 @@ absl::StatusOr<kernels::SoftmaxXentResult> CudaEngine::TrainStep(const Tensor& x
   return r;
 }
 
-absl::StatusOr<kernels::SoftmaxXentResult> CudaEngine::EvalBatch(const Tensor& x,
-                                                                 std::span<const int32_t> labels) {
+absl::StatusOr<kernels::SoftmaxXentResult> CudaEngine::Eval(Net& net, int slot, const Tensor& x,
+                                                            std::span<const int32_t> labels) {
   RETURN_IF_ERROR(Stage(x, labels));
   RETURN_IF_ERROR(EnqueueInputs(x.dim(0)));
   DeviceTensor logits;
-  RETURN_IF_ERROR(EnqueueForwardLoss(net_, x.dim(0), Mode::kEval, 0, &logits));
-  return Results(0);
+  RETURN_IF_ERROR(EnqueueForwardLoss(net, x.dim(0), Mode::kEval, slot, &logits));
+  return Results(slot);
+}
+
+absl::StatusOr<kernels::SoftmaxXentResult> CudaEngine::EvalBatch(const Tensor& x,
+                                                                 std::span<const int32_t> labels) {
+  return Eval(net_, 0, x, labels);
 }
 
 absl::StatusOr<kernels::SoftmaxXentResult> CudaEngine::EvalTwinBatch(
@@ -557,11 +568,7 @@ absl::StatusOr<kernels::SoftmaxXentResult> CudaEngine::EvalTwinBatch(
   if (twin_ == nullptr) {
     return absl::FailedPreconditionError("CudaEngine: EvalTwinBatch without a twin");
   }
-  RETURN_IF_ERROR(Stage(x, labels));
-  RETURN_IF_ERROR(EnqueueInputs(x.dim(0)));
-  DeviceTensor logits;
-  RETURN_IF_ERROR(EnqueueForwardLoss(*twin_, x.dim(0), Mode::kEval, 1, &logits));
-  return Results(1);
+  return Eval(*twin_, 1, x, labels);
 }
 
 }  // namespace

@@ -1,7 +1,5 @@
 #include "worker/nn/cuda/layer_kernels.h"
 
-#include "common/status_macros.h"
-
 namespace qtrain::nn::cuda {
 namespace {
 
@@ -93,52 +91,7 @@ __global__ void ScaleByDeviceScalarKernel(int64_t n, const float* __restrict__ s
   }
 }
 
-constexpr int kGuidanceThreads = 256;
-
-// Block k's partial sum of e^2 into scratch[k] (gridDim.x == kGuidanceScratch).
-__global__ void GuidanceDiffKernel(int64_t n, const float* __restrict__ a,
-                                   const float* __restrict__ b, float scale,
-                                   float* __restrict__ dpos, float* __restrict__ dneg,
-                                   double* __restrict__ scratch) {
-  __shared__ double partial[kGuidanceThreads];
-  double sum = 0.0;
-  for (int64_t i = blockIdx.x * int64_t{kGuidanceThreads} + threadIdx.x; i < n;
-       i += int64_t{kGuidanceScratch} * kGuidanceThreads) {
-    const float e = a[i] - b[i];
-    sum += static_cast<double>(e) * e;
-    if (dpos != nullptr) dpos[i] = scale * e;
-    if (dneg != nullptr) dneg[i] = -scale * e;
-  }
-  partial[threadIdx.x] = sum;
-  __syncthreads();
-  for (int width = kGuidanceThreads / 2; width > 0; width /= 2) {
-    if (threadIdx.x < width) partial[threadIdx.x] += partial[threadIdx.x + width];
-    __syncthreads();
-  }
-  if (threadIdx.x == 0) scratch[blockIdx.x] = partial[0];
-}
-
-__global__ void GuidanceSumKernel(const double* __restrict__ scratch, double* __restrict__ sum_sq) {
-  __shared__ double partial[kGuidanceScratch];
-  partial[threadIdx.x] = scratch[threadIdx.x];
-  __syncthreads();
-  for (int width = kGuidanceScratch / 2; width > 0; width /= 2) {
-    if (threadIdx.x < width) partial[threadIdx.x] += partial[threadIdx.x + width];
-    __syncthreads();
-  }
-  if (threadIdx.x == 0) sum_sq[0] += partial[0];
-}
-
 }  // namespace
-
-absl::Status GuidanceDiff(const CudaContext& ctx, int64_t n, const float* a, const float* b,
-                          float scale, float* dpos, float* dneg, double* scratch, double* sum_sq) {
-  GuidanceDiffKernel<<<kGuidanceScratch, kGuidanceThreads, 0, ctx.stream>>>(n, a, b, scale, dpos,
-                                                                           dneg, scratch);
-  RETURN_IF_ERROR(LaunchStatus("GuidanceDiff"));
-  GuidanceSumKernel<<<1, kGuidanceScratch, 0, ctx.stream>>>(scratch, sum_sq);
-  return LaunchStatus("GuidanceSum");
-}
 
 absl::Status AddRowBias(const CudaContext& ctx, int64_t rows, int64_t cols, const float* bias,
                         float* y) {

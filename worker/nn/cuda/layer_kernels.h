@@ -1,6 +1,6 @@
 // Small CUDA kernels the GPU layers need that are not general kernels: row-bias add and its
-// column-sum gradient (Linear), the residual block's shortcut add + ReLU and its backward, the
-// scalar layer's scale and guided training's distance.
+// column-sum gradient (Linear), the residual block's shortcut add + ReLU and its backward, and the
+// scalar layer's scale.
 // Asynchronous on ctx.stream; the Status reports launch errors. Deterministic (no atomics).
 #ifndef QTRAIN_WORKER_NN_CUDA_LAYER_KERNELS_H_
 #define QTRAIN_WORKER_NN_CUDA_LAYER_KERNELS_H_
@@ -45,13 +45,6 @@ absl::Status AddInPlace(const CudaContext& ctx, int64_t n, const float* b, float
 // y = s[0] * x, n elements, with the scalar read on the device (nn::ScalarLayer).
 absl::Status ScaleByDeviceScalar(const CudaContext& ctx, int64_t n, const float* s, const float* x,
                                  float* y);
-// Guided training's distance at one guidance point (train/guided.h): with e = a - b,
-// dpos = scale * e and dneg = -scale * e (either may be null), and sum_sq[0] += sum of e^2 in
-// double. `scratch` holds kGuidanceScratch doubles. A fixed grid and reduction order whatever n:
-// deterministic.
-inline constexpr int kGuidanceScratch = 128;
-absl::Status GuidanceDiff(const CudaContext& ctx, int64_t n, const float* a, const float* b,
-                          float scale, float* dpos, float* dneg, double* scratch, double* sum_sq);
 
 }  // namespace qtrain::nn::cuda
 

@@ -171,6 +171,38 @@ TEST_F(ElementwiseGpuTest, ReductionsMatchCpuWithinDoubleRoundoff) {
   }
 }
 
+TEST_F(ElementwiseGpuTest, DiffScaledSumSquaresWritesBothGradientsAndAccumulates) {
+  for (int64_t n : ReductionSizes()) {
+    SCOPED_TRACE(::testing::Message() << "n=" << n);
+    const std::vector<float> a = RandomVector(n, 7, -1.0f, 2.0f);
+    const std::vector<float> b = RandomVector(n, 8, -1.0f, 1.0f);
+    auto da = Upload(a);
+    auto db = Upload(b);
+    auto pos = Poisoned(n);
+    auto neg = Poisoned(n);
+    auto sum = Upload(std::vector<double>{0.5});  // accumulated into, not overwritten
+    const float scale = 0.25f;
+    ASSERT_THAT(cuda::DiffScaledSumSquares(ctx_, n, da.data(), db.data(), scale, pos.data(),
+                                           neg.data(), sum.data(), workspace_.data()),
+                IsOk());
+    // Without outputs it only sums: a second pass doubles the sum of squares.
+    ASSERT_THAT(cuda::DiffScaledSumSquares(ctx_, n, da.data(), db.data(), scale, nullptr,
+                                           nullptr, sum.data(), workspace_.data()),
+                IsOk());
+    Sync();
+    const std::vector<float> got_pos = Download(pos);
+    const std::vector<float> got_neg = Download(neg);
+    double squares = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      const float e = a[i] - b[i];
+      squares += static_cast<double>(e) * e;
+      ASSERT_EQ(got_pos[i], scale * e) << i;
+      ASSERT_EQ(got_neg[i], -scale * e) << i;
+    }
+    EXPECT_NEAR(Download(sum)[0], 0.5 + 2 * squares, 2 * DoubleSumBound(n, squares) + 1e-12);
+  }
+}
+
 TEST_F(ElementwiseGpuTest, ReductionOfNothingIsZeroAndSingleOutputsWork) {
   auto f64 = Upload(std::vector<double>{-1.0});
   ASSERT_THAT(cuda::Sum(ctx_, 0, nullptr, {f64.data(), nullptr}, workspace_.data()), IsOk());
@@ -223,6 +255,12 @@ TEST(ElementwiseArgumentsTest, BadArgumentsAreInvalidArgument) {
               StatusIs(absl::StatusCode::kInvalidArgument, ::testing::HasSubstr("aligned")));
   EXPECT_THAT(cuda::Dot(ctx, 4, &dummy, &dummy, {}, bytes),
               StatusIs(absl::StatusCode::kInvalidArgument, ::testing::HasSubstr("outputs")));
+  EXPECT_THAT(cuda::DiffScaledSumSquares(ctx, 4, &dummy, &dummy, 1.0f, nullptr, nullptr, nullptr,
+                                         bytes),
+              StatusIs(absl::StatusCode::kInvalidArgument, ::testing::HasSubstr("sum_sq")));
+  EXPECT_THAT(cuda::DiffScaledSumSquares(ctx, 4, &dummy, &dummy, 1.0f, nullptr, nullptr, &out,
+                                         nullptr),
+              StatusIs(absl::StatusCode::kInvalidArgument, ::testing::HasSubstr("workspace")));
 }
 
 TEST(LaunchUtilTest, ReductionShapesDependOnlyOnTheSize) {
