@@ -141,21 +141,21 @@ QTRAIN_HOST_DEVICE inline SegmentPlan PlanSegment(uint64_t len) {
 
 // ---- Bit packing of b-bit codes -----------------------------------------------------------------
 
-// The part of code `e` (b bits, 0 <= e < 32) that falls into word `w` of a bit string in which
-// code e occupies bits [s + e*b, s + e*b + b) (LSB first, 0 <= s < 32). OR over e gives the word.
-QTRAIN_HOST_DEVICE inline uint32_t CodePiece(uint32_t code, uint32_t e, uint32_t b, uint32_t s,
-                                             uint32_t w) {
-  const int64_t off = int64_t{s} + int64_t{e} * b - 32 * int64_t{w};
-  if (off >= 32 || off + int64_t{b} <= 0) return 0;
-  return off >= 0 ? (code << off) : (code >> (-off));
+// Where code `e` (b <= 16 bits, 0 <= e < 32) of a group lands in a bit string in which code e
+// occupies bits [s + e*b, s + e*b + b) (LSB first, 0 <= s < 32): word `word` gets `low`, and
+// word + 1 gets `high` (0 unless the code crosses into it). OR over the 32 codes gives the words.
+struct CodePlace {
+  uint32_t word;
+  uint32_t low;
+  uint32_t high;
+};
+QTRAIN_HOST_DEVICE inline CodePlace PlaceCode(uint32_t code, uint32_t e, uint32_t b, uint32_t s) {
+  const uint32_t bit = s + e * b;
+  const uint32_t off = bit & 31u;
+  return {bit >> 5, code << off, off + b > 32 ? code >> (32 - off) : 0u};
 }
-// The first code that can reach word w, and how many consecutive codes to visit: every code that
-// overlaps the word lies in [first, first + CodesPerWordBound(b)).
-QTRAIN_HOST_DEVICE inline uint32_t FirstCodeOfWord(uint32_t b, uint32_t s, uint32_t w) {
-  const int64_t first_bit = 32 * int64_t{w} - int64_t{s};
-  return first_bit <= 0 ? 0 : static_cast<uint32_t>(first_bit / b);
-}
-QTRAIN_HOST_DEVICE inline uint32_t CodesPerWordBound(uint32_t b) { return 32 / b + 2; }
+// Words a group may span: WordsSpanned(16, 31).
+inline constexpr uint32_t kMaxGroupWords = 17;
 // Words spanned by 32 codes of b bits at offset s.
 QTRAIN_HOST_DEVICE inline uint32_t WordsSpanned(uint32_t b, uint32_t s) {
   return (s + 32 * b + 31) / 32;

@@ -1,6 +1,6 @@
 // Device helpers shared by the CUDA codec kernels: deterministic warp and block reductions and
-// scans (a fixed shuffle tree, so a given block size always adds in the same order), warp-level
-// packing of b-bit codes into payload words, and the blob's non-finite mark.
+// scans (a fixed shuffle tree, so a given block size always adds in the same order), packing of a
+// warp's b-bit codes into payload words, and the blob's non-finite mark.
 //
 // Only for .cu files of compression/cuda/. Every block-level helper must be reached by all
 // threads of the block (it calls __syncthreads) and takes a __shared__ scratch array of 32 slots.
@@ -170,32 +170,29 @@ __device__ __forceinline__ EntryRun BlockExclusiveRuns(EntryRun r, EntryRun* sme
   return CombineRuns(warp_prefix, exclusive);
 }
 
-// Lane w (< WordsSpanned(b, s)) returns word w of the bit string of the warp's 32 codes (lane e's
-// code at bits [s + e*b, s + e*b + b)); other lanes return 0. Every lane must call it.
-__device__ __forceinline__ uint32_t WarpPackCodes(uint32_t code, uint32_t b, uint32_t s) {
-  const uint32_t w = LaneId();
-  const uint32_t first = FirstCodeOfWord(b, s, w);
-  const uint32_t steps = CodesPerWordBound(b);
-  uint32_t word = 0;
-  for (uint32_t j = 0; j < steps; ++j) {
-    const uint32_t e = first + j;
-    const uint32_t c = __shfl_sync(kFullMask, code, e < 32 ? e : 31);
-    if (e < 32) word |= CodePiece(c, e, b, s, w);
-  }
-  return w < WordsSpanned(b, s) ? word : 0;
-}
-
-// Stores the packed words of a warp group whose first code starts at global bit `first_bit`:
-// plain stores when the group starts on a word boundary and owns its words (atomic == false),
-// else atomicOr into a payload the caller zeroed. Words at or past payload_words are dropped
-// (they hold only bits past the last element). Every lane must call it.
+// Stores the warp's 32 codes of b <= 16 bits (lane e's code at global bits
+// [first_bit + e*b, first_bit + e*b + b)): each lane ORs its code's pieces (PlaceCode) into the
+// warp's row of shared words, then lanes w < WordsSpanned(b, s) store word w whole (when the
+// group starts on a word boundary and owns its words: atomic == false), else atomicOr it into a
+// payload the caller zeroed. Words at or past payload_words are dropped. Every lane must call it.
 __device__ __forceinline__ void StoreCodeWords(uint32_t* payload, uint64_t payload_words,
                                                uint64_t first_bit, uint32_t code, uint32_t b,
                                                bool atomic) {
+  __shared__ uint32_t rows[32][kMaxGroupWords];  // one row per warp of the block
+  uint32_t* row = rows[WarpId()];
   const uint32_t s = static_cast<uint32_t>(first_bit & 31);
-  const uint32_t word = WarpPackCodes(code, b, s);
-  const uint64_t index = (first_bit >> 5) + LaneId();
-  if (LaneId() < WordsSpanned(b, s) && index < payload_words) {
+  const uint32_t lane = LaneId();
+  const uint32_t spanned = WordsSpanned(b, s);
+  if (lane < spanned) row[lane] = 0;
+  __syncwarp();
+  const CodePlace p = PlaceCode(code, lane, b, s);
+  if (p.low != 0) atomicOr(row + p.word, p.low);
+  if (p.high != 0) atomicOr(row + p.word + 1, p.high);
+  __syncwarp();
+  const uint32_t word = lane < spanned ? row[lane] : 0;
+  __syncwarp();  // the row is reused by the warp's next group
+  const uint64_t index = (first_bit >> 5) + lane;
+  if (lane < spanned && index < payload_words) {
     if (atomic) {
       if (word != 0) atomicOr(payload + index, word);
     } else {

@@ -12,8 +12,10 @@
 //   2. scan: one block combines the tiles' runs in order (an associative operation) to give each
 //      tile its byte offset and the index of the entry before it, and writes the header (entry
 //      count, payload size, blob size).
-//   3. write: one thread per 32-element mask word writes its entries' varints at offsets from a
-//      block scan. The masks cost n/4 bytes written and read again (2 bits per element).
+//   3. write: one thread per 32-element mask word writes its entries' varints into the tile's
+//      bytes in shared memory at offsets from a block scan; the block then stores the tile's bytes
+//      with consecutive threads on consecutive bytes. The masks cost n/4 bytes written and read
+//      again (2 bits per element).
 // Decode-add:
 //   1. validate: tiles of 4096 payload bytes; every byte below 0x80 ends a varint, which is
 //      parsed backwards (codec_math.h ParseVarintEndingAt) and checked as compression/varint.h
@@ -150,11 +152,19 @@ __global__ void __launch_bounds__(kScanThreads)
   if (a.blob_bytes_out != nullptr) *a.blob_bytes_out = l.total;
 }
 
+// A tile's entries take at most kMaxTileBytes: the first entry's varint up to 5 bytes, every
+// other entry of gap g at most g + 1 bytes (VarintBytesForGap), and those gaps plus one sum to
+// less than the tile's 4096 elements.
+constexpr uint32_t kMaxTileBytes = kThresholdTile + 8;
+
 __global__ void __launch_bounds__(kWriteThreads)
     ThresholdWriteKernel(ThresholdEncodeArgs a, EncodeScratch s) {
   const uint64_t tile = blockIdx.x;
   if (s.runs[tile].count == 0) return;  // uniform over the block
   __shared__ uint64_t smem[32];
+  // The tile's bytes are assembled here, then stored with consecutive threads writing
+  // consecutive bytes (the varints' own writes would scatter one byte per thread).
+  __shared__ uint8_t staged[kMaxTileBytes];
   const uint32_t q = threadIdx.x;
   const uint32_t sel = s.masks[tile * 2 * kThresholdTileWords + q];
   const uint32_t sgn = s.masks[tile * 2 * kThresholdTileWords + kThresholdTileWords + q];
@@ -165,8 +175,11 @@ __global__ void __launch_bounds__(kWriteThreads)
   const uint64_t next = before > start.next ? before : start.next;
   const uint64_t bytes = WordBytes(sel, word_base, next);
   uint64_t tile_bytes = 0;
-  const uint64_t offset = start.offset + BlockExclusiveSum(bytes, smem, &tile_bytes);
-  PutWordEntries(sel, sgn, word_base, next, a.blob + kThresholdPayloadOffset + offset);
+  const uint64_t offset = BlockExclusiveSum(bytes, smem, &tile_bytes);
+  PutWordEntries(sel, sgn, word_base, next, staged + offset);
+  __syncthreads();
+  uint8_t* dst = a.blob + kThresholdPayloadOffset + start.offset;
+  for (uint32_t b = q; b < tile_bytes; b += kWriteThreads) dst[b] = staged[b];
 }
 
 // ---- Decode ------------------------------------------------------------------------------------

@@ -12,6 +12,10 @@
 #                   with --seed=SEED, E epochs in all; ROW is fp (K ignored), base, ts, pq, guided,
 #                   pqts, tsg, pqtsg, pqtsg2 (pqtsg with the first and last layers quantized too)
 # FP checkpoints already under devrun/fp/M/ are used instead of training fp:M.
+# MPS=1 runs the GPU jobs under an MPS daemon of this script's own (when the host has
+# nvidia-cuda-mps-control), so that their small kernels share the GPU instead of taking turns:
+# on one H200 with GPU_JOBS=8 MPS=1, each of 8 resnet20 runs at once trained at 5,000-9,000
+# images/s (3,500 guided), against 28,000 for one FP run alone (the estimates below hold for it).
 set -u
 start=$SECONDS
 mkdir -p /tmp/q && tar xJf devrun/bundle.tar.xz -C /tmp/q
@@ -20,6 +24,11 @@ DEADLINE=${DEADLINE:-540}
 GPU_JOBS=${GPU_JOBS:-4}
 CPU_JOBS=${CPU_JOBS:-6}
 top=${OUT:-/tmp/out}
+mps=0
+if [ "${MPS:-0}" = 1 ] && command -v nvidia-cuda-mps-control > /dev/null; then
+  export CUDA_MPS_PIPE_DIRECTORY=/tmp/qtrain-mps/pipe CUDA_MPS_LOG_DIRECTORY=/tmp/qtrain-mps/log
+  mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY" && nvidia-cuda-mps-control -d && mps=1
+fi
 res=$top/tables
 mkdir -p "$res/fp"
 data=--data=idx:/tmp/q/data/fashion-mnist
@@ -126,6 +135,7 @@ while [ ${#pending[@]} -gt 0 ] && [ $((SECONDS - start)) -lt "$DEADLINE" ]; do
 done
 for run in "${pending[@]}"; do echo "not started $run" >> "$res/schedule.txt"; done
 wait
+[ $mps = 1 ] && echo quit | nvidia-cuda-mps-control
 grep -h "summary:\|ldnq.*accuracy\|test accuracy" "$res"/*.log > "$res/summary.txt" 2>/dev/null
 tar czf "$top/tables.tgz" -C "$top" tables
-echo "done in $((SECONDS - start)) s"; cat "$res/schedule.txt" | tail -5
+echo "done in $((SECONDS - start)) s (MPS: $mps)"; cat "$res/schedule.txt" | tail -5

@@ -2,7 +2,7 @@
 // run without a GPU: the kernels are thin loops around these host-and-device functions, so each
 // test emulates a kernel's loop on the host exactly as the kernel runs it (warp lanes as a loop,
 // the same packing, the same prefix logic) and compares the result with the CPU codec:
-//   - packing of b-bit codes (WarpPackCodes' algorithm) against a bit-by-bit reference;
+//   - packing of b-bit codes (StoreCodeWords' algorithm) against a bit-by-bit reference;
 //   - fp16 conversions against compression/fp16.h for all halves and a sweep of floats;
 //   - onebit, qsgd, terngrad and threshold encodes emulated with the CPU's reductions give the
 //     CPU payloads and residuals exactly (so only the GPU reduction order can differ);
@@ -58,16 +58,15 @@ std::unique_ptr<Codec> CpuCodec(const std::string& spec) {
 
 // ---- Packing ------------------------------------------------------------------------------------
 
-// WarpPackCodes with the lanes as a loop: the words of 32 codes of b bits at bit offset s.
+// StoreCodeWords' packing with the lanes as a loop: the words of 32 codes of b bits at bit
+// offset s.
 std::vector<uint32_t> PackGroup(const uint32_t* codes, uint32_t b, uint32_t s) {
   std::vector<uint32_t> words(WordsSpanned(b, s), 0);
-  for (uint32_t w = 0; w < words.size(); ++w) {
-    const uint32_t first = FirstCodeOfWord(b, s, w);
-    for (uint32_t j = 0; j < CodesPerWordBound(b); ++j) {
-      const uint32_t e = first + j;
-      const uint32_t c = codes[e < 32 ? e : 31];
-      if (e < 32) words[w] |= CodePiece(c, e, b, s, w);
-    }
+  EXPECT_LE(words.size(), kMaxGroupWords);
+  for (uint32_t e = 0; e < 32; ++e) {
+    const CodePlace p = PlaceCode(codes[e], e, b, s);
+    words[p.word] |= p.low;
+    if (p.high != 0) words[p.word + 1] |= p.high;
   }
   return words;
 }

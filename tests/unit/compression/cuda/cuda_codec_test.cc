@@ -108,6 +108,7 @@ std::vector<Case> EncodeCases() {
                                           "qsgd",
                                           "qsgd:levels=4,bucket=128",
                                           "qsgd:levels=1,bucket=7",
+                                          "qsgd:levels=16,bucket=2000",
                                           "qsgd:levels=16,bucket=10000",
                                           "terngrad",
                                           "terngrad:clip=0",
