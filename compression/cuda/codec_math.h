@@ -354,7 +354,8 @@ QTRAIN_HOST_DEVICE inline EntryRun CombineRuns(const EntryRun& a, const EntryRun
 QTRAIN_HOST_DEVICE inline uint64_t RunStreamBytes(const EntryRun& r) {
   return r.count == 0 ? 0 : VarintBytesForGap(r.first) + r.inner;
 }
-// The run of the set bits of `selected`, bit b standing for element base + b.
+// The run of the set bits of `selected`, bit b standing for element base + b. Two set bits of one
+// word are less than 32 apart, so every entry after the word's first takes one byte.
 QTRAIN_HOST_DEVICE inline EntryRun WordRun(uint32_t selected, uint64_t base) {
   if (selected == 0) return EmptyRun();
   EntryRun r;
@@ -362,25 +363,15 @@ QTRAIN_HOST_DEVICE inline EntryRun WordRun(uint32_t selected, uint64_t base) {
   r.first = static_cast<uint32_t>(base + LowBit(selected));
   r.last = static_cast<uint32_t>(base + HighBit(selected));
   r.unused = 0;
-  r.inner = 0;
-  int previous = LowBit(selected);
-  for (uint32_t m = selected & (selected - 1); m != 0; m &= m - 1) {
-    const int bit = LowBit(m);
-    r.inner += VarintBytesForGap(static_cast<uint64_t>(bit - previous - 1));
-    previous = bit;
-  }
+  r.inner = r.count - 1;
   return r;
 }
 // Bytes the entries of `selected` take when the previous entry ended before index `next`
-// (next = previous index + 1, or 0 when there is none).
+// (next = previous index + 1, or 0 when there is none): the first entry's varint, then one byte
+// per further entry (as in WordRun).
 QTRAIN_HOST_DEVICE inline uint64_t WordBytes(uint32_t selected, uint64_t base, uint64_t next) {
-  uint64_t bytes = 0;
-  for (uint32_t m = selected; m != 0; m &= m - 1) {
-    const uint64_t index = base + LowBit(m);
-    bytes += VarintBytesForGap(index - next);
-    next = index + 1;
-  }
-  return bytes;
+  if (selected == 0) return 0;
+  return VarintBytesForGap(base + LowBit(selected) - next) + PopCount(selected) - 1;
 }
 // Writes the entries of `selected` (signs: bit set = -tau) at dst; returns the bytes written.
 QTRAIN_HOST_DEVICE inline uint64_t PutWordEntries(uint32_t selected, uint32_t signs, uint64_t base,

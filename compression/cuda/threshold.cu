@@ -31,8 +31,8 @@
 namespace qtrain::compression::cuda {
 namespace {
 
-constexpr uint32_t kSelectThreads = 256;
-constexpr uint32_t kSelectItems = kThresholdTile / kSelectThreads;  // 16
+constexpr uint32_t kSelectThreads = 512;
+constexpr uint32_t kSelectItems = kThresholdTile / kSelectThreads;  // 8
 constexpr uint32_t kWriteThreads = kThresholdTileWords;             // 128
 constexpr uint32_t kScanThreads = 1024;
 
