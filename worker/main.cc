@@ -150,9 +150,11 @@ ABSL_FLAG(bool, refresh_bn, true,
           "qtrain ldnq: after each layer, recompute the batch-norm statistics from the partially "
           "quantized cascade (every --method; false with --method=dq is the paper's DQ: the "
           "projection alone).");
-ABSL_FLAG(double, admm_rho, 0, "qtrain ldnq: ADMM penalty rho (0: --admm_rho_scale * H[0][0]).");
-ABSL_FLAG(double, admm_rho_scale, 0.1,
-          "qtrain ldnq: rho = this * H[0][0] when --admm_rho is 0 (the authors' code: 1).");
+ABSL_FLAG(double, admm_rho, 0,
+          "qtrain ldnq: ADMM penalty rho (0: each of --admm_rho_scale times H[0][0]).");
+ABSL_FLAG(std::string, admm_rho_scale, "1,0.1",
+          "qtrain ldnq: when --admm_rho is 0, ADMM runs with rho = s * H[0][0] for each s of this "
+          "comma-separated list and keeps the lowest layer error (the authors' code: 1).");
 ABSL_FLAG(int, admm_alpha_starts, 4,
           "qtrain ldnq: ADMM runs from this many initial alphas (mean|W| * 2^t, t in [-(b+1), 1]) "
           "and keeps the best (the authors' code: 1).");
@@ -330,7 +332,16 @@ absl::Status RunSubcommand(const std::string& command, int* argc, char*** argv) 
     options.update_lr = absl::GetFlag(FLAGS_update_lr);
     options.refresh_bn = absl::GetFlag(FLAGS_refresh_bn);
     options.admm.rho = absl::GetFlag(FLAGS_admm_rho);
-    options.admm.rho_scale = absl::GetFlag(FLAGS_admm_rho_scale);
+    options.admm.rho_scales.clear();
+    for (absl::string_view part : absl::StrSplit(absl::GetFlag(FLAGS_admm_rho_scale), ',')) {
+      double scale = 0.0;
+      if (!absl::SimpleAtod(part, &scale) || !(scale > 0.0) || !std::isfinite(scale)) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "--admm_rho_scale: '", std::string(part),
+            "' is not a positive number (want a comma-separated list such as 1,0.1)"));
+      }
+      options.admm.rho_scales.push_back(scale);
+    }
     options.admm.alpha_starts = absl::GetFlag(FLAGS_admm_alpha_starts);
     options.admm.max_iterations = absl::GetFlag(FLAGS_admm_iters);
     options.admm.patience = absl::GetFlag(FLAGS_admm_patience);

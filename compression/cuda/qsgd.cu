@@ -236,25 +236,40 @@ __global__ void __launch_bounds__(kThreads) QsgdDecodeAddKernel(QsgdDecodeArgs q
 
 // Decode with one bucket of up to 32 * kItems elements per warp, element j of the bucket in item
 // j / 32 of lane j % 32: the norm (and the unit derived from it) is read once per bucket.
+// The bucket of this warp in a one-bucket-per-warp decode kernel: live is false (the whole warp
+// returns) once an error is recorded or past the last bucket.
+struct WarpBucket {
+  bool live;
+  float norm;
+  const uint32_t* payload;
+  uint64_t lo;   // its first element
+  uint32_t len;  // its elements
+};
+__device__ __forceinline__ WarpBucket WarpBucketOf(const QsgdDecodeArgs& q, uint64_t buckets) {
+  WarpBucket w{};
+  const uint64_t bucket = uint64_t{blockIdx.x} * (kWarpBucketThreads / 32) + WarpId();
+  if (*q.d.error != kDecodeOk || bucket >= buckets) return w;
+  const DevBlobLayout l = BlobLayoutOf(q.d.blob);
+  w.live = true;
+  w.norm = reinterpret_cast<const float*>(q.d.blob + l.scales_offset)[bucket];
+  w.payload = reinterpret_cast<const uint32_t*>(q.d.blob + l.payload_offset);
+  w.lo = bucket * q.bucket;
+  w.len = static_cast<uint32_t>(min(uint64_t{q.bucket}, q.d.n - w.lo));
+  return w;
+}
+
 template <int kItems>
 __global__ void __launch_bounds__(kWarpBucketThreads) QsgdCheckWarps(QsgdDecodeArgs q,
                                                                       uint64_t buckets) {
-  const DecodeArgs& a = q.d;
-  if (*a.error != kDecodeOk) return;
-  const uint64_t bucket = uint64_t{blockIdx.x} * (kWarpBucketThreads / 32) + WarpId();
-  if (bucket >= buckets) return;
-  const DevBlobLayout l = BlobLayoutOf(a.blob);
-  const float norm = reinterpret_cast<const float*>(a.blob + l.scales_offset)[bucket];
-  const uint32_t* payload = reinterpret_cast<const uint32_t*>(a.blob + l.payload_offset);
-  if (LaneId() == 0 && !QsgdNormValid(norm)) ReportError(a.error, kErrScaleValue);
-  const uint64_t lo = bucket * q.bucket;
-  const uint32_t len = static_cast<uint32_t>(min(uint64_t{q.bucket}, a.n - lo));
+  const WarpBucket w = WarpBucketOf(q, buckets);
+  if (!w.live) return;
+  if (LaneId() == 0 && !QsgdNormValid(w.norm)) ReportError(q.d.error, kErrScaleValue);
 #pragma unroll
   for (int k = 0; k < kItems; ++k) {
     const uint32_t j = 32 * k + LaneId();
-    if (j < len) {
-      const uint32_t code = ReadCode(payload, lo + j, q.bits);
-      ReportError(a.error, QsgdCodeError(code, q.levels, q.bits, norm == 0.0f));
+    if (j < w.len) {
+      const uint32_t code = ReadCode(w.payload, w.lo + j, q.bits);
+      ReportError(q.d.error, QsgdCodeError(code, q.levels, q.bits, w.norm == 0.0f));
     }
   }
 }
@@ -262,31 +277,24 @@ __global__ void __launch_bounds__(kWarpBucketThreads) QsgdCheckWarps(QsgdDecodeA
 template <int kItems>
 __global__ void __launch_bounds__(kWarpBucketThreads) QsgdDecodeAddWarps(QsgdDecodeArgs q,
                                                                           uint64_t buckets) {
-  const DecodeArgs& a = q.d;
-  if (*a.error != kDecodeOk) return;
-  const uint64_t bucket = uint64_t{blockIdx.x} * (kWarpBucketThreads / 32) + WarpId();
-  if (bucket >= buckets) return;
-  const DevBlobLayout l = BlobLayoutOf(a.blob);
-  const float norm = reinterpret_cast<const float*>(a.blob + l.scales_offset)[bucket];
-  const uint32_t* payload = reinterpret_cast<const uint32_t*>(a.blob + l.payload_offset);
-  const float unit = QsgdParamsFor(norm, q.levels).unit;
+  const WarpBucket w = WarpBucketOf(q, buckets);
+  if (!w.live) return;
+  const float unit = QsgdParamsFor(w.norm, q.levels).unit;
   const uint32_t level_mask = (1u << (q.bits - 1)) - 1;
-  const uint64_t lo = bucket * q.bucket;
-  const uint32_t len = static_cast<uint32_t>(min(uint64_t{q.bucket}, a.n - lo));
-  float* out = a.out + lo;
+  float* out = q.d.out + w.lo;
   float o[kItems];
   uint32_t code[kItems];
 #pragma unroll
   for (int k = 0; k < kItems; ++k) {
     const uint32_t j = 32 * k + LaneId();
-    o[k] = j < len ? out[j] : 0.0f;
-    code[k] = j < len ? ReadCode(payload, lo + j, q.bits) : 0;
+    o[k] = j < w.len ? out[j] : 0.0f;
+    code[k] = j < w.len ? ReadCode(w.payload, w.lo + j, q.bits) : 0;
   }
 #pragma unroll
   for (int k = 0; k < kItems; ++k) {
     const uint32_t j = 32 * k + LaneId();
     const uint32_t level = code[k] & level_mask;
-    if (j >= len || level == 0) continue;  // level-0 elements stay untouched (-0.0 included)
+    if (j >= w.len || level == 0) continue;  // level-0 elements stay untouched (-0.0 included)
     out[j] = AddRn(o[k], QsgdDecodedValue(level, (code[k] >> (q.bits - 1)) != 0, unit));
   }
 }

@@ -29,6 +29,8 @@ check "metrics file has epoch records" 0 '"type":"epoch"' -- cat "$work/m.jsonl"
 lflags=(--model=cnn --max_train=512 --max_test=300 --threads=2)
 check "ldnq quantizes the FP model to 3 levels" 0 "ldnq: done.*to pack it: qtrain export .*--wq=pow2:levels=3 --fp_first_last=false" -- \
   "$qtrain" ldnq "${lflags[@]}" --checkpoint_dir="$work/ck" --out="$work/l3" --calib=64 --levels=3 --method=dq
+check "ldnq with a bad --admm_rho_scale list" 1 "--admm_rho_scale: '0' is not a positive number" -- \
+  "$qtrain" ldnq "${lflags[@]}" --checkpoint_dir="$work/ck" --out="$work/l3x" --calib=64 --levels=3 --admm_rho_scale=1,0
 check "export of the L-DNQ result without pow2 flags is refused" 1 "FAILED_PRECONDITION.*--wq=pow2:levels=3 --aq=none --fp_first_last=false" -- \
   "$qtrain" export "${lflags[@]}" --checkpoint_dir="$work/l3"
 check "export packs the L-DNQ result" 0 "export: .*model.qpack [0-9]+ bytes, fp32 model [0-9]+ bytes \((1[2-9]|[2-9][0-9])\.[0-9]x smaller\)" -- \

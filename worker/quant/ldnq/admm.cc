@@ -5,6 +5,7 @@
 #include <limits>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "worker/kernels/cpu/sgemm.h"
 
 namespace qtrain::quant::ldnq {
@@ -45,11 +46,14 @@ absl::Status ValidateProblem(const LayerProblem& p) {
 }  // namespace
 
 absl::Status ValidateAdmmOptions(const AdmmOptions& o) {
-  if (!std::isfinite(o.rho) || !(o.rho_scale > 0.0) || !std::isfinite(o.rho_scale) ||
-      o.alpha_starts < 1 || o.max_iterations < 0 || o.patience < 1 || o.projection_rounds < 1) {
+  bool scales_ok = !o.rho_scales.empty();
+  for (double s : o.rho_scales) scales_ok = scales_ok && s > 0.0 && std::isfinite(s);
+  if (!std::isfinite(o.rho) || !scales_ok || o.alpha_starts < 1 || o.max_iterations < 0 ||
+      o.patience < 1 || o.projection_rounds < 1) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "ADMM options: rho ", o.rho, " (finite; <= 0 = rho_scale * H[0][0]), rho_scale ",
-        o.rho_scale, " (> 0), alpha_starts ", o.alpha_starts, " (>= 1), max_iterations ",
+        "ADMM options: rho ", o.rho, " (finite; <= 0 = each rho_scale * H[0][0]), rho_scales [",
+        absl::StrJoin(o.rho_scales, ","), "] (at least one, each > 0), alpha_starts ",
+        o.alpha_starts, " (>= 1), max_iterations ",
         o.max_iterations, " (>= 0), patience ", o.patience, " (>= 1), projection_rounds ",
         o.projection_rounds, " (>= 1)"));
   }
@@ -134,7 +138,7 @@ absl::StatusOr<AdmmSolver> AdmmSolver::Create(const kernels::CpuContext& ctx,
       for (int64_t i = 0; i < d; ++i) trace += problem.h[i * d + i];
       rho = trace > 0.0 ? trace / static_cast<double>(d) : 1.0;
     }
-    rho *= options.rho_scale;
+    rho *= options.rho_scales.front();
   }
   solver.rho_ = rho;
   std::vector<double> f = problem.h;
@@ -248,55 +252,71 @@ AdmmResult DirectQuantize(const kernels::CpuContext& ctx, const LayerProblem& pr
 
 absl::StatusOr<AdmmResult> SolveAdmm(const kernels::CpuContext& ctx, const LayerProblem& problem,
                                      const LevelSet& levels, const AdmmOptions& options) {
-  absl::StatusOr<AdmmSolver> solver_or = AdmmSolver::Create(ctx, problem, levels, options);
-  if (!solver_or.ok()) return solver_or.status();
-  AdmmSolver& solver = *solver_or;
+  if (absl::Status s = ValidateAdmmOptions(options); !s.ok()) return s;
+  // One solver per rho: a solver made with only the scale `s` uses rho = s * H[0][0].
+  std::vector<AdmmOptions> runs;
+  if (options.rho > 0.0) {
+    runs.push_back(options);
+  } else {
+    for (double scale : options.rho_scales) {
+      runs.push_back(options);
+      runs.back().rho_scales = {scale};
+    }
+  }
   AdmmResult r;
-  r.rho = solver.rho();
+  const std::vector<float> hf = ToFloat(problem.h);
   {
     std::vector<float> zero(problem.w.size(), 0.0f);
-    std::vector<float> hf = ToFloat(problem.h);
     r.reference = QuadraticError(ctx, problem, hf, zero);
   }
-  const std::vector<float> hf = ToFloat(problem.h);
-  r.dq_error = solver.Objective();
+  double best_total = 0.0;
   const float mean_abs = MeanAbsQuantized(problem.w, problem.layout);
   const int starts = std::max(1, options.alpha_starts);
-  // The direct projection (with the refit) is the first candidate, so ADMM never does worse.
-  r.weights = solver.g();
-  r.alpha = RefitScaleAndBias(ctx, problem, solver.alpha(), options.refit_alpha, &r.weights);
-  double best_total = QuadraticError(ctx, problem, hf, r.weights);
-  for (int start = 0; start < starts; ++start) {
-    // From mean|W| * 2^-(b+1) (the largest level near mean|W|) to mean|W| * 2.
-    const double lo = -1.0 - levels.max_exponent();
-    const double t = starts == 1 ? 0.0 : lo + (1.0 - lo) * start / (starts - 1);
-    solver.Reset(start == 0 && starts == 1 ? 0.0f : static_cast<float>(mean_abs * std::exp2(t)));
-    double best = solver.Objective();
-    std::vector<float> weights = solver.g();
-    float alpha = solver.alpha();
-    int since_best = 0, iterations = 0;
-    for (int it = 0; it < options.max_iterations && since_best < options.patience; ++it) {
-      solver.ProximalStep();
-      solver.ProjectionStep();
-      solver.DualStep();
-      iterations = it + 1;
-      const double f = solver.Objective();
-      if (f < best) {
-        best = f;
-        weights = solver.g();
-        alpha = solver.alpha();
-        since_best = 0;
-      } else {
-        ++since_best;
-      }
+  for (size_t run = 0; run < runs.size(); ++run) {
+    absl::StatusOr<AdmmSolver> solver_or = AdmmSolver::Create(ctx, problem, levels, runs[run]);
+    if (!solver_or.ok()) return solver_or.status();
+    AdmmSolver& solver = *solver_or;
+    if (run == 0) {
+      r.rho = solver.rho();
+      r.dq_error = solver.Objective();
+      // The direct projection (with the refit) is the first candidate, so ADMM never does worse.
+      r.weights = solver.g();
+      r.alpha = RefitScaleAndBias(ctx, problem, solver.alpha(), options.refit_alpha, &r.weights);
+      best_total = QuadraticError(ctx, problem, hf, r.weights);
     }
-    alpha = RefitScaleAndBias(ctx, problem, alpha, options.refit_alpha, &weights);
-    const double f = QuadraticError(ctx, problem, hf, weights);
-    r.iterations += iterations;
-    if (f < best_total) {
-      best_total = f;
-      r.weights = std::move(weights);
-      r.alpha = alpha;
+    for (int start = 0; start < starts; ++start) {
+      // From mean|W| * 2^-(b+1) (the largest level near mean|W|) to mean|W| * 2.
+      const double lo = -1.0 - levels.max_exponent();
+      const double t = starts == 1 ? 0.0 : lo + (1.0 - lo) * start / (starts - 1);
+      solver.Reset(start == 0 && starts == 1 ? 0.0f : static_cast<float>(mean_abs * std::exp2(t)));
+      double best = solver.Objective();
+      std::vector<float> weights = solver.g();
+      float alpha = solver.alpha();
+      int since_best = 0, iterations = 0;
+      for (int it = 0; it < options.max_iterations && since_best < options.patience; ++it) {
+        solver.ProximalStep();
+        solver.ProjectionStep();
+        solver.DualStep();
+        iterations = it + 1;
+        const double f = solver.Objective();
+        if (f < best) {
+          best = f;
+          weights = solver.g();
+          alpha = solver.alpha();
+          since_best = 0;
+        } else {
+          ++since_best;
+        }
+      }
+      alpha = RefitScaleAndBias(ctx, problem, alpha, options.refit_alpha, &weights);
+      const double f = QuadraticError(ctx, problem, hf, weights);
+      r.iterations += iterations;
+      if (f < best_total) {
+        best_total = f;
+        r.weights = std::move(weights);
+        r.alpha = alpha;
+        r.rho = solver.rho();
+      }
     }
   }
   r.error = best_total;

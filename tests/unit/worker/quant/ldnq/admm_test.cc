@@ -1,5 +1,6 @@
 #include "worker/quant/ldnq/admm.h"
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <random>
@@ -105,7 +106,7 @@ TEST(AdmmTest, EachStepMatchesDirectComputation) {
   absl::StatusOr<AdmmSolver> solver = AdmmSolver::Create(kernels::CpuContext{}, p, levels, {});
   ASSERT_TRUE(solver.ok()) << solver.status();
   const int64_t d = p.layout.cols, k = p.layout.rows;
-  EXPECT_DOUBLE_EQ(solver->rho(), 0.1 * p.h[0]);  // the default rho
+  EXPECT_DOUBLE_EQ(solver->rho(), p.h[0]);  // the default's first rho_scale, 1
   // Initial state: G = Proj(W) from mean|W|, lambda = 0.
   {
     std::vector<float> g0(p.w.size());
@@ -238,7 +239,7 @@ TEST(AdmmTest, TinyLayersComeWithinFivePercentOfTheEnumeratedOptimum) {
 // still never do worse than DQ.
 TEST(AdmmTest, PaperSettingsNeverWorseThanDirectQuantization) {
   AdmmOptions paper;
-  paper.rho_scale = 1.0;
+  paper.rho_scales = {1.0};
   paper.alpha_starts = 1;
   for (uint64_t seed = 1; seed <= 10; ++seed) {
     const LayerProblem p = RandomProblem(2, 4, seed % 2 == 0, seed);
@@ -250,6 +251,29 @@ TEST(AdmmTest, PaperSettingsNeverWorseThanDirectQuantization) {
   }
 }
 
+// Every rho of rho_scales runs and the lowest objective wins: never worse than either alone, and
+// the reported rho is the winner's.
+TEST(AdmmTest, SeveralRhosKeepTheBest) {
+  for (uint64_t seed = 1; seed <= 8; ++seed) {
+    const LayerProblem p = RandomProblem(3, 6, seed % 2 == 0, 40 + seed);
+    const LevelSet levels = *LevelSet::FromCount(3 + 2 * static_cast<int>(seed % 4));
+    AdmmOptions one, tenth, both;
+    one.rho_scales = {1.0};
+    tenth.rho_scales = {0.1};
+    both.rho_scales = {1.0, 0.1};
+    absl::StatusOr<AdmmResult> r1 = SolveAdmm(kernels::CpuContext{}, p, levels, one);
+    absl::StatusOr<AdmmResult> r2 = SolveAdmm(kernels::CpuContext{}, p, levels, tenth);
+    absl::StatusOr<AdmmResult> rb = SolveAdmm(kernels::CpuContext{}, p, levels, both);
+    ASSERT_TRUE(r1.ok() && r2.ok() && rb.ok());
+    EXPECT_DOUBLE_EQ(rb->error, std::min(r1->error, r2->error)) << "seed " << seed;
+    EXPECT_EQ(rb->iterations, r1->iterations + r2->iterations);
+    EXPECT_TRUE(rb->rho == r1->rho || rb->rho == r2->rho);
+    if (r2->error < r1->error) {
+      EXPECT_DOUBLE_EQ(rb->rho, 0.1 * p.h[0]);
+    }
+  }
+}
+
 TEST(AdmmTest, RejectsBadOptionsAndShapes) {
   LayerProblem p = RandomProblem(2, 3, false, 1);
   const LevelSet levels = *LevelSet::FromCount(3);
@@ -257,6 +281,13 @@ TEST(AdmmTest, RejectsBadOptionsAndShapes) {
   o.patience = 0;
   EXPECT_EQ(SolveAdmm(kernels::CpuContext{}, p, levels, o).status().code(),
             absl::StatusCode::kInvalidArgument);
+  for (const std::vector<double>& scales :
+       {std::vector<double>{}, std::vector<double>{1.0, 0.0}, std::vector<double>{-1.0}}) {
+    AdmmOptions bad;
+    bad.rho_scales = scales;
+    EXPECT_EQ(SolveAdmm(kernels::CpuContext{}, p, levels, bad).status().code(),
+              absl::StatusCode::kInvalidArgument);
+  }
   p.w.pop_back();
   EXPECT_EQ(SolveAdmm(kernels::CpuContext{}, p, levels, {}).status().code(),
             absl::StatusCode::kInvalidArgument);
