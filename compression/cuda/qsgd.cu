@@ -17,9 +17,9 @@
 // Encode with error feedback holds v in registers, so grad and residual are read once and codes,
 // norm and residual written once: buckets of up to 1024 elements (the default 512 included) go
 // one per warp, eight to a block, with no block barrier; buckets of up to 8192 one per block.
-// The codes of each warp's 32 consecutive elements are assembled into b words with warp shuffles
-// and stored whole (or OR-ed into a zeroed payload when buckets do not start on 32-element
-// boundaries). Buckets over 8192 elements are read twice by one 1024-thread block each.
+// The codes of each warp's 32 consecutive elements are assembled into b words in shared memory
+// (StoreCodeWords) and stored whole (or OR-ed into a zeroed payload when buckets do not start on
+// 32-element boundaries). Buckets over 8192 elements are read twice by one 1024-thread block each.
 // Decode-add: one kernel validates every norm and code, a second adds (one pass over out); for
 // buckets of up to 1024 elements both go one bucket per warp and read its norm once.
 #include <algorithm>
@@ -236,8 +236,8 @@ __global__ void __launch_bounds__(kThreads) QsgdDecodeAddKernel(QsgdDecodeArgs q
 
 // Decode with one bucket of up to 32 * kItems elements per warp, element j of the bucket in item
 // j / 32 of lane j % 32: the norm (and the unit derived from it) is read once per bucket.
-// The bucket of this warp in a one-bucket-per-warp decode kernel: live is false (the whole warp
-// returns) once an error is recorded or past the last bucket.
+// WarpBucketOf gives the warp its bucket; live is false (the whole warp returns) once an error is
+// recorded or past the last bucket.
 struct WarpBucket {
   bool live;
   float norm;

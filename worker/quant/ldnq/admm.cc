@@ -252,6 +252,7 @@ AdmmResult DirectQuantize(const kernels::CpuContext& ctx, const LayerProblem& pr
 
 absl::StatusOr<AdmmResult> SolveAdmm(const kernels::CpuContext& ctx, const LayerProblem& problem,
                                      const LevelSet& levels, const AdmmOptions& options) {
+  if (absl::Status s = ValidateProblem(problem); !s.ok()) return s;
   if (absl::Status s = ValidateAdmmOptions(options); !s.ok()) return s;
   // One solver per rho: a solver made with only the scale `s` uses rho = s * H[0][0].
   std::vector<AdmmOptions> runs;
