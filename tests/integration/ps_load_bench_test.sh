@@ -51,8 +51,10 @@ small=(--params=$params --bucket_elements=$bucket --inflight=2 --steps=$steps --
        --timeout=30)
 
 start_server one --workers=2 --codec=onebit --token=T
+# --link_mbit only sets the bound the rate is compared with; on unthrottled loopback the rate may
+# pass it (fraction > 1: 1.36 was seen with these 4 timed steps in 6 ms).
 check "2 workers in one process" 0 \
-  "$per_step payload bytes per worker and step.*worker 0: 5 steps \(4 timed\).*up [0-9]+ bytes \(payload $total\), down [0-9]+ bytes \(payload $total\).*worker 1: 5 steps.*payload $total\).*payload $total\).*total over 2 workers: [0-9.]+ steps/s.*link-rate bound at 100 Mbit/s per server.*RESULT workers=2 servers=1 params=$params buckets=3 inflight=2 steps=5 steps_per_s=[0-9.]+ .*fraction=0\.[0-9]+" -- \
+  "$per_step payload bytes per worker and step.*worker 0: 5 steps \(4 timed\).*up [0-9]+ bytes \(payload $total\), down [0-9]+ bytes \(payload $total\).*worker 1: 5 steps.*payload $total\).*payload $total\).*total over 2 workers: [0-9.]+ steps/s.*link-rate bound at 100 Mbit/s per server.*RESULT workers=2 servers=1 params=$params buckets=3 inflight=2 steps=5 steps_per_s=[0-9.]+ .*fraction=[0-9]+\.[0-9]+" -- \
   timeout 60 "$bench" --ps=127.0.0.1:$port --token=T --workers=2 --local_workers=2 \
   --link_mbit=100 "${small[@]}"
 
