@@ -19,8 +19,8 @@
 // Guided training (StepEngineInputs::twin): the full-precision twin is compiled the same way, both
 // root Sequentials are tapped at the guidance points (GpuSequential), and the front graph runs
 // both forwards and losses, the guidance term (Q, the distance and its two gradients in one pass,
-// kernels::cuda::DiffScaledSumSquares) and both backwards; the back graph steps both optimizers. Gradients of both networks are
-// averaged, each network's buckets under its own keys.
+// kernels::cuda::DiffScaledSumSquares) and both backwards; the back graph steps both optimizers.
+// Gradients of both networks are averaged, each network's buckets under its own keys.
 //
 // Agreement with the CPU engine: the same initial weights and data order; kernels differ in
 // summation order and FMA use, so losses agree to floating-point noise, not bit for bit.

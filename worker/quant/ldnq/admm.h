@@ -11,11 +11,12 @@
 //   projection:  G = Proj(Theta_hat + lambda)    alternating alpha / Q, <= projection_rounds rounds
 //   dual:        lambda <- lambda + Theta_hat - G
 //
-// H + rho I is factorised once (Cholesky, double) and its inverse M kept in float, so each
+// H + rho I is factorised once per rho (Cholesky, double) and its inverse M kept in float, so each
 // proximal step is one SGEMM: Theta_hat = A + rho (G - lambda) M with A = W H M fixed.
 // The authors' code uses rho = H[0][0] (the mean diagonal when H[0][0] <= 0) and alpha starting at
-// mean|W| (see AdmmOptions for the defaults here: two rhos, four alpha starts); the solver keeps the feasible G with the lowest
-// objective and stops after `patience` iterations without improvement (or max_iterations).
+// mean|W| (see AdmmOptions for the defaults here: two rhos, four alpha starts); the solver keeps
+// the feasible G with the lowest objective and stops after `patience` iterations without
+// improvement (or max_iterations).
 //
 // The bias column, when present, is not quantized: the projection leaves it as it is (a free
 // coordinate). After the loop the bias takes its exact minimiser for the chosen quantized weights
@@ -23,8 +24,8 @@
 // the objective).
 //
 // Thread-safety: a solver is used by one thread (SGEMM spreads over ctx's pool).
-// Cost: Cholesky + inverse ~ d^3/2 double flops; per iteration ~4 K d^2 float flops (the step and
-// the objective) for K channels of d inputs; memory ~ 3 d^2 + 6 K d floats.
+// Cost per rho: Cholesky + inverse ~ d^3/2 double flops; per iteration ~4 K d^2 float flops (the
+// step and the objective) for K channels of d inputs; memory ~ 3 d^2 + 6 K d floats.
 #ifndef QTRAIN_WORKER_QUANT_LDNQ_ADMM_H_
 #define QTRAIN_WORKER_QUANT_LDNQ_ADMM_H_
 
