@@ -17,13 +17,16 @@
 //      with consecutive threads on consecutive bytes. The masks cost n/4 bytes written and read
 //      again (2 bits per element).
 // Decode-add:
-//   1. validate: tiles of 4096 payload bytes; every byte below 0x80 ends a varint, which is
-//      parsed backwards (codec_math.h ParseVarintEndingAt) and checked as compression/varint.h
-//      checks it; each tile counts its entries and sums gap + 1 over them.
+//   1. validate: tiles of 4096 payload bytes, 16 per thread, held in registers with the 8
+//      before them; every byte below 0x80 ends a varint, which is parsed backwards (as
+//      codec_math.h ParseVarintEndingAt does) and checked as compression/varint.h checks it; each
+//      tile counts its entries and sums gap + 1 over them.
 //   2. one block checks the totals (entry count == params[0]; sum of gap + 1 <= n, i.e. every
 //      index < n) and scans the sums into each tile's first index.
 //   3. apply: each tile re-parses its varints and adds +-tau at out[index]. Indices are strictly
-//      increasing, so every entry touches its own element: a plain read-add-write, no atomics.
+//      increasing, so every entry touches its own element and every tile its own span of out:
+//      plain reads and writes, no atomics. A dense tile (span <= kDenseSpan) marks its entries in
+//      shared memory and sweeps its span in 16-byte groups; a sparse one adds entry by entry.
 // Both directions need scratch (the caller allocates it: see codec_kernels.h).
 #include "compression/cuda/codec_kernels.h"
 #include "compression/cuda/device_util.cuh"
@@ -186,6 +189,9 @@ __global__ void __launch_bounds__(kWriteThreads)
 
 constexpr uint32_t kDecodeThreads = 256;
 constexpr uint32_t kBytesPerThread = kThresholdDecodeTile / kDecodeThreads;  // 16
+// A decode tile whose entries span at most this many elements (a quarter or more of them sent)
+// adds along the span through shared memory instead of at each entry.
+constexpr uint32_t kDenseSpan = 16384;
 
 struct DecodeScratch {
   uint32_t* counts;  // per tile: entries
@@ -210,26 +216,52 @@ DecodeScratch DecodeScratchFor(void* base, uint64_t tiles) {
 }
 
 // The thread's 16 payload bytes: which end a varint (terminators) and those varints' values.
-// Returns a bit mask of the terminators.
+// Returns a bit mask of the terminators. Parses as ParseVarintEndingAt does (same values, same
+// errors), but from registers: the 16 bytes and the 8 before them (a varint ending here may start
+// there, and a sixth byte back only matters as "too long"), loaded once as two vectors instead
+// of a byte load for every byte of every varint.
 __device__ __forceinline__ uint32_t ThreadVarints(const uint8_t* payload, uint64_t payload_bytes,
                                                   uint64_t p0, uint32_t* values, int32_t* error) {
   if (p0 >= payload_bytes) return 0;
   // 16-byte aligned (the blob and the payload offset are), and inside the blob (whose total is
-  // the payload end rounded up to 16).
+  // the payload end rounded up to 16). Bytes before the payload read as 0, which ends a varint
+  // as the payload's start does.
   const uint4 chunk = *reinterpret_cast<const uint4*>(payload + p0);
-  const uint32_t words[4] = {chunk.x, chunk.y, chunk.z, chunk.w};
+  const uint2 before =
+      p0 >= 8 ? *reinterpret_cast<const uint2*>(payload + p0 - 8) : make_uint2(0, 0);
+  const uint32_t w[6] = {before.x, before.y, chunk.x, chunk.y, chunk.z, chunk.w};
+  // Byte i of the window: payload[p0 - 8 + i]. Every index below is a constant after unrolling.
+  const auto byte = [&](uint32_t i) { return (w[i / 4] >> (8 * (i % 4))) & 0xffu; };
   uint32_t terminators = 0;
 #pragma unroll
   for (uint32_t j = 0; j < kBytesPerThread; ++j) {
-    const uint32_t byte = (words[j / 4] >> (8 * (j % 4))) & 0xffu;
-    if (p0 + j < payload_bytes && byte < 0x80) {
-      const int32_t e = ParseVarintEndingAt(payload, p0 + j, &values[j]);
-      if (e != kDecodeOk) {
-        if (error != nullptr) ReportError(error, e);
-      } else {
-        terminators |= 1u << j;
-      }
+    const uint32_t t = 8 + j;
+    const uint32_t last = byte(t);
+    if (p0 + j >= payload_bytes || last >= 0x80) continue;
+    uint32_t k = 0;  // continuation bytes before t, at most 5 looked at
+#pragma unroll
+    for (uint32_t i = 1; i <= 5; ++i) {
+      if (k == i - 1 && byte(t - i) >= 0x80) k = i;
     }
+    int32_t e = kDecodeOk;
+    if (k == 5) {
+      e = kErrVarintTooLong;
+    } else if (k == 4 && last > 0x0f) {
+      e = kErrVarintOverflow;
+    } else if (k > 0 && last == 0) {
+      e = kErrVarintNonCanonical;
+    }
+    if (e != kDecodeOk) {
+      if (error != nullptr) ReportError(error, e);
+      continue;
+    }
+    uint32_t v = last;
+#pragma unroll
+    for (uint32_t i = 1; i <= 4; ++i) {
+      if (i <= k) v = (v << 7) | (byte(t - i) & 0x7fu);
+    }
+    values[j] = v;
+    terminators |= 1u << j;
   }
   return terminators;
 }
@@ -311,13 +343,80 @@ __global__ void __launch_bounds__(kDecodeThreads)
     if (terminators & (1u << j)) sum += uint64_t{values[j] >> 1} + 1;
   }
   uint64_t tile_sum = 0;
-  uint64_t next = s.prefix[tile] + BlockExclusiveSum(sum, smem, &tile_sum);
+  const uint64_t offset = BlockExclusiveSum(sum, smem, &tile_sum);
+  const uint64_t base = s.prefix[tile];
+  if (tile_sum > kDenseSpan) {  // a sparse tile (uniform over the block): add at each entry
+    uint64_t next = base + offset;
+#pragma unroll
+    for (uint32_t j = 0; j < kBytesPerThread; ++j) {
+      if ((terminators & (1u << j)) == 0) continue;
+      const uint64_t index = next + (values[j] >> 1);
+      a.d.out[index] = AddRn(a.d.out[index], (values[j] & 1u) ? -tau : tau);
+      next = index + 1;
+    }
+    return;
+  }
+  // A dense tile: its entries lie in out[base, base + span), which no other tile touches. Mark
+  // them in shared memory (0 none, 1 +tau, 2 -tau), then sweep the span in 16-byte groups of out
+  // (aligned in memory; `lead` elements of the first group precede base), loading several groups
+  // before storing any: coalesced, and not one dependent load-add-store per entry. The groups at
+  // either end reach outside the span and are added element by element, marked ones only.
+  __shared__ __align__(16) uint8_t marks[kDenseSpan + 8];
+  const uint32_t span = static_cast<uint32_t>(tile_sum);
+  const uint32_t misalign = static_cast<uint32_t>(reinterpret_cast<uintptr_t>(a.d.out) / 4 % 4);
+  const uint32_t lead = static_cast<uint32_t>((base + misalign) % 4);
+  const uint32_t groups = (lead + span + 3) / 4;
+  for (uint32_t i = threadIdx.x; i < groups; i += kDecodeThreads) {
+    reinterpret_cast<uint32_t*>(marks)[i] = 0;
+  }
+  __syncthreads();
+  uint32_t local = lead + static_cast<uint32_t>(offset);
 #pragma unroll
   for (uint32_t j = 0; j < kBytesPerThread; ++j) {
     if ((terminators & (1u << j)) == 0) continue;
-    const uint64_t index = next + (values[j] >> 1);
-    a.d.out[index] = AddRn(a.d.out[index], (values[j] & 1u) ? -tau : tau);
-    next = index + 1;
+    local += values[j] >> 1;
+    marks[local] = static_cast<uint8_t>(1u + (values[j] & 1u));
+    ++local;
+  }
+  __syncthreads();
+  float* first = a.d.out + base - lead;  // 16-byte aligned
+  const auto add = [&](float x, uint32_t m) { return m == 0 ? x : AddRn(x, m == 2 ? -tau : tau); };
+  const uint32_t* mark_words = reinterpret_cast<const uint32_t*>(marks);
+  // The end groups: the first when it starts before base (thread 0), the last when it ends past
+  // the span and is not that same group (thread 1).
+  const bool first_partial = lead != 0;
+  const bool last_partial = (lead + span) % 4 != 0;
+  const uint32_t g_begin = first_partial ? 1 : 0;
+  const uint32_t g_end = last_partial ? groups - 1 : groups;
+  const bool mine = threadIdx.x == 0 ? first_partial
+                    : threadIdx.x == 1 ? last_partial && (groups > 1 || !first_partial)
+                                       : false;
+  if (mine) {
+    const uint32_t g = threadIdx.x == 0 ? 0 : groups - 1;
+    for (uint32_t q = 0; q < 4; ++q) {
+      const uint32_t m = marks[4 * g + q];
+      if (m != 0) first[4 * g + q] = add(first[4 * g + q], m);
+    }
+  }
+  constexpr uint32_t kUnroll = 4;
+  for (uint32_t g0 = g_begin + threadIdx.x; g0 < g_end; g0 += kUnroll * kDecodeThreads) {
+    float4 v[kUnroll] = {};
+    uint32_t m[kUnroll];
+#pragma unroll
+    for (uint32_t u = 0; u < kUnroll; ++u) {
+      const uint32_t g = g0 + u * kDecodeThreads;
+      m[u] = g < g_end ? mark_words[g] : 0;
+      if (m[u] != 0) v[u] = reinterpret_cast<const float4*>(first)[g];
+    }
+#pragma unroll
+    for (uint32_t u = 0; u < kUnroll; ++u) {
+      if (m[u] == 0) continue;
+      v[u].x = add(v[u].x, m[u] & 0xffu);
+      v[u].y = add(v[u].y, (m[u] >> 8) & 0xffu);
+      v[u].z = add(v[u].z, (m[u] >> 16) & 0xffu);
+      v[u].w = add(v[u].w, m[u] >> 24);
+      reinterpret_cast<float4*>(first)[g0 + u * kDecodeThreads] = v[u];
+    }
   }
 }
 

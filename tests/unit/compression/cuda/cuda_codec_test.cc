@@ -290,6 +290,46 @@ TEST_P(CodecSpecTest, CpuEncodeGpuDecode) {
   }
 }
 
+// The threshold decode adds a dense tile (entries spanning at most 16384 elements) by sweeping
+// its span in 16-byte groups, and a sparse one entry by entry. Blocks of 65536 elements alternate
+// between ~30% sent (one-byte varints, dense tiles) and ~0.4% sent (two-byte varints, sparse
+// tiles), so one blob holds both kinds and tiles that straddle the change; decoded into outputs
+// at every alignment (a bucket inside a flat buffer), bit-identical to the CPU decode.
+TEST(CudaThresholdDecodeTest, MixedDensityMatchesCpu) {
+  QTRAIN_REQUIRE_GPU();
+  Fixture f = Make("threshold:tau=1");
+  ASSERT_OK_AND_ASSIGN(GpuCodecHarness h, GpuCodecHarness::Create(f.gpu.get()));
+  const uint64_t n = 1000003;
+  const auto dense = Gaussian(n, 801, 1.0f);
+  const auto sparse = Gaussian(n, 802, 0.37f);
+  std::vector<float> x(n);
+  for (uint64_t i = 0; i < n; ++i) x[i] = (i >> 16) % 2 == 0 ? dense[i] : sparse[i];
+  EncodedTensor t;
+  Rng rng(5);
+  ASSERT_THAT(f.cpu->Encode(x, {}, rng, &t), IsOk());
+  ASSERT_GT(t.payload.size(), 8 * 4096u);  // several 4096-byte decode tiles
+  std::vector<uint8_t> blob;
+  ASSERT_THAT(PackBlob(t, &blob), IsOk());
+  const auto init = Gaussian(n, 803);
+  std::vector<float> on_cpu = init, on_gpu = init;
+  ASSERT_THAT(f.cpu->DecodeAdd(t, std::span<float>(on_cpu)), IsOk());
+  for (uint64_t offset : {1, 2, 3}) {
+    std::vector<float> shifted = init;
+    ASSERT_THAT(h.Decode(blob, n, {}, &shifted, 0, "test blob", offset), IsOk());
+    EXPECT_TRUE(SameBits(on_cpu, shifted)) << "output " << offset << " floats into its buffer";
+  }
+  ASSERT_THAT(h.Decode(blob, n, {}, &on_gpu), IsOk());
+  EXPECT_TRUE(SameBits(on_cpu, on_gpu));
+  uint64_t changed_dense = 0, changed_sparse = 0;
+  for (uint64_t i = 0; i < n; ++i) {
+    if (FloatBits(on_gpu[i]) == FloatBits(init[i])) continue;
+    ++((i >> 16) % 2 == 0 ? changed_dense : changed_sparse);
+  }
+  EXPECT_GT(changed_dense, n / 8);     // ~30% of the dense half
+  EXPECT_GT(changed_sparse, 100u);     // some of the sparse half
+  EXPECT_LT(changed_sparse, n / 100);  // but few
+}
+
 // v = grad + old residual equals decode(payload) + new residual, step after step.
 TEST_P(CodecSpecTest, ErrorFeedbackOverSteps) {
   QTRAIN_REQUIRE_GPU();
@@ -637,7 +677,7 @@ TEST(CudaCodecMalformedTest, CodecFields) {
     const auto good = GoodBlob(*codec, n);  // N(0,1) against tau = 2: ~5% sent, gaps varied
     const DevBlobHeader h = ReadBlobHeader(good.data());
     const DevBlobLayout l = BlobLayoutOf(good.data());
-    ASSERT_GE(h.payload_bytes, 8u);
+    ASSERT_GE(h.payload_bytes, 36u);  // the cases below write up to byte 35
     const uint32_t entries = LoadLe32(good.data() + l.params_offset);
     ASSERT_OK_AND_ASSIGN(EncodedTensor t, UnpackBlob(good, n, {}));
     uint64_t last_index = 0, next = 0;
@@ -667,6 +707,19 @@ TEST(CudaCodecMalformedTest, CodecFields) {
     cases.push_back({"non-canonical varint", good, n, 0, "non-canonical"});
     cases.back().blob[p0] = 0x80;
     cases.back().blob[p0 + 1] = 0x00;
+    // The same three across the 16-byte chunks a decode thread parses: the varint's last byte in
+    // one chunk, its first bytes in the chunk before.
+    cases.push_back({"varint too long across chunks", good, n, 0, "longer than 5"});
+    for (int k = 0; k < 6; ++k) cases.back().blob[p0 + 29 + k] = 0x80;
+    cases.back().blob[p0 + 35] = 0x01;
+    cases.push_back({"varint overflow across chunks", good, n, 0, "over 32 bits"});
+    cases.back().blob[p0 + 13] = 0x01;  // ends the varint before
+    for (int k = 0; k < 4; ++k) cases.back().blob[p0 + 14 + k] = 0x80;
+    cases.back().blob[p0 + 18] = 0x7f;
+    cases.push_back({"non-canonical varint across chunks", good, n, 0, "non-canonical"});
+    cases.back().blob[p0 + 30] = 0x01;
+    cases.back().blob[p0 + 31] = 0x80;
+    cases.back().blob[p0 + 32] = 0x00;
     cases.push_back({"tau 0", good, n, 0, "not finite"});
     Put32(&cases.back().blob, l.scales_offset, 0);
     ExpectRejected(*codec, cases);

@@ -85,22 +85,31 @@ class GpuCodecHarness {
   }
 
   // Decode-adds `blob` (its first blob_bytes bytes; all of it when 0) into *out. Returns
-  // DecodeAdd's status if it fails, else CheckDecodeError's. *out is always read back.
+  // DecodeAdd's status if it fails, else CheckDecodeError's. *out is always read back. With
+  // out_offset k, the device output starts k floats into its allocation (a bucket inside a flat
+  // gradient buffer: not 16-byte aligned unless k % 4 == 0); the k floats before it must stay.
   absl::Status Decode(const std::vector<uint8_t>& blob, uint64_t n, std::span<const int64_t> shape,
                       std::vector<float>* out, uint64_t blob_bytes = 0,
-                      const std::string& source = "test blob") {
+                      const std::string& source = "test blob", uint64_t out_offset = 0) {
     if (blob_bytes == 0) blob_bytes = blob.size();
     ASSIGN_OR_RETURN(auto d_blob,
                      qtrain::cuda::DeviceArray<uint8_t>::Create(std::max<size_t>(blob.size(), 16)));
-    ASSIGN_OR_RETURN(auto d_out, qtrain::cuda::DeviceArray<float>::Create(std::max<size_t>(n, 1)));
+    ASSIGN_OR_RETURN(auto d_alloc, qtrain::cuda::DeviceArray<float>::Create(
+                                       out_offset + std::max<size_t>(n, 1)));
+    float* d_out = d_alloc.data() + out_offset;
     ASSIGN_OR_RETURN(auto d_error, qtrain::cuda::DeviceArray<int32_t>::Create(1));
+    const std::vector<float> guard(out_offset, 12345.0f);
+    RETURN_IF_ERROR(Upload<float>(guard, d_alloc.data()));
     RETURN_IF_ERROR(Upload<uint8_t>(blob, d_blob.data()));
-    RETURN_IF_ERROR(Upload<float>(*out, d_out.data()));
+    RETURN_IF_ERROR(Upload<float>(*out, d_out));
     QTRAIN_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(d_error.data(), 0, sizeof(int32_t), stream()));
-    absl::Status status = codec_->DecodeAdd(d_blob.data(), blob_bytes, n, shape, d_out.data(),
-                                            d_error.data(), stream());
+    absl::Status status =
+        codec_->DecodeAdd(d_blob.data(), blob_bytes, n, shape, d_out, d_error.data(), stream());
     if (status.ok()) status = CudaCodec::CheckDecodeError(d_error.data(), source, stream());
-    RETURN_IF_ERROR(Download<float>(d_out.data(), std::span<float>(*out)));
+    RETURN_IF_ERROR(Download<float>(d_out, std::span<float>(*out)));
+    std::vector<float> guard_after(out_offset);
+    RETURN_IF_ERROR(Download<float>(d_alloc.data(), std::span<float>(guard_after)));
+    if (guard_after != guard) return absl::InternalError("the decode wrote before its output");
     if (status.ok()) {
       int32_t error = -1;
       RETURN_IF_ERROR(Download<int32_t>(d_error.data(), std::span<int32_t>(&error, 1)));
