@@ -172,6 +172,10 @@ ABSL_FLAG(std::string, error_feedback, "auto",
 ABSL_FLAG(std::string, allreduce, "auto",
           "Compressed allreduce under mpirun: auto (allgather up to 4 ranks or for buckets under "
           "1 MiB, reduce_scatter otherwise), allgather or reduce_scatter.");
+ABSL_FLAG(int64_t, codec_warmup_steps, 0,
+          "Warm start: average the first N training steps in fp32 (uncompressed), then --codec "
+          "(1-bit SGD's warm start, 1-bit Adam's warm-up). mpirun and single-process runs; not "
+          "--ps or NCCL.");
 ABSL_FLAG(double, bucket_mb, 4,
           "Gradient bucket size in MiB: gradients are averaged in buckets of about this size, in "
           "reverse layer order, overlapping the rest of backward.");
@@ -220,6 +224,7 @@ struct CommConfig {
   comm::AllreduceAlgorithm algorithm = comm::AllreduceAlgorithm::kAuto;
   double bucket_mb = 4;
   double timeout_seconds = 120;
+  int64_t warmup_steps = 0;  // --codec_warmup_steps
 };
 
 absl::StatusOr<CommConfig> ReadCommFlags() {
@@ -243,6 +248,19 @@ absl::StatusOr<CommConfig> ReadCommFlags() {
   if (!codec.ok()) {
     return absl::Status(codec.status().code(),
                         absl::StrCat("--codec: ", codec.status().message()));
+  }
+  c.warmup_steps = absl::GetFlag(FLAGS_codec_warmup_steps);
+  if (c.warmup_steps < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--codec_warmup_steps must be >= 0, got ", c.warmup_steps));
+  }
+  if (c.warmup_steps > 0 && (*codec)->passthrough()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--codec_warmup_steps needs a compressing --codec (got '", c.codec, "')"));
+  }
+  if (c.warmup_steps > 0 && !absl::GetFlag(FLAGS_ps).empty()) {
+    return absl::InvalidArgumentError(
+        "--codec_warmup_steps is not supported with --ps (the servers compress every step)");
   }
   return c;
 }
@@ -571,6 +589,10 @@ int RunOrReport(const CommConfig& config, comm::Communicator* communicator) {
 #ifdef QTRAIN_HAVE_NCCL
 absl::StatusOr<std::unique_ptr<comm::Communicator>> CreateNccl(const CommConfig& config,
                                                                const comm::NcclBootstrap& boot) {
+  if (config.warmup_steps > 0) {
+    return absl::InvalidArgumentError(
+        "--codec_warmup_steps is not supported with NCCL (--device=cuda with several ranks)");
+  }
   comm::NcclOptions nccl;
   nccl.codec_spec = config.codec;
   nccl.error_feedback = config.feedback;
@@ -683,6 +705,7 @@ int main(int argc, char** argv) {
     local.codec_spec = config->codec;
     local.error_feedback = config->feedback;
     local.seed = absl::GetFlag(FLAGS_seed);
+    local.fp32_warmup_steps = config->warmup_steps;
     absl::StatusOr<std::unique_ptr<qtrain::comm::LocalCommunicator>> communicator =
         qtrain::comm::LocalCommunicator::Create(local);
     if (!communicator.ok()) {
@@ -704,6 +727,7 @@ int main(int argc, char** argv) {
   mpi.algorithm = config->algorithm;
   mpi.timeout_seconds = config->timeout_seconds;
   mpi.seed = absl::GetFlag(FLAGS_seed);
+  mpi.fp32_warmup_steps = config->warmup_steps;
   absl::Status status;
   {
     absl::StatusOr<std::unique_ptr<qtrain::comm::Communicator>> communicator =

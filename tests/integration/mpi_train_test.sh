@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Data-parallel qtrain under `mpirun -np 4` on a few hundred real Fashion-MNIST images: fp32 and
 # 1-bit SGD runs that learn and end with bit-identical weights on every rank, metrics with
-# traffic, checkpoint + resume (with per-rank error-feedback residuals), a bad --codec, and a
+# traffic, an fp32 warm start, checkpoint + resume (with per-rank error-feedback residuals), a bad --codec, and a
 # stalled rank that must end the job within the communication timeout, never hang.
 # Usage: mpi_train_test.sh <path to qtrain> [<path to mpirun>]
 set -uo pipefail
@@ -37,6 +37,17 @@ check "fp32: step records carry traffic and timings" 0 \
 check "onebit: 4 ranks learn with ~30x fewer bytes" 0 \
   "$same.*$learns.*ranks=4 codec=onebit bytes_sent=[0-9]+ \(fp32 would send [0-9]+, ratio (2[0-9]|3[0-9])\.[0-9]x\)" -- \
   "${mpi[@]}" "$qtrain" --epochs=2 "${common[@]}" --codec=onebit --bucket_mb=1
+
+# Warm start: the first 8 of 16 steps averaged in fp32, the rest with onebit: about half fp32's
+# bytes (ratio ~1.9x), identical weights.
+check "onebit after 8 fp32 warm-up steps" 0 \
+  "codec onebit.*after 8 fp32 warm-up steps.*$same.*ratio (1\.9|2\.0)x" -- \
+  "${mpi[@]}" "$qtrain" --epochs=2 "${common[@]}" --codec=onebit --bucket_mb=1 --codec_warmup_steps=8
+check "--codec_warmup_steps without a codec is a clear error" fail \
+  "codec_warmup_steps needs a compressing --codec" -- \
+  "${mpi[@]}" "$qtrain" "${common[@]}" --codec_warmup_steps=8
+check "negative --codec_warmup_steps is a clear error" fail "codec_warmup_steps must be >= 0" -- \
+  "${mpi[@]}" "$qtrain" "${common[@]}" --codec=onebit --codec_warmup_steps=-1
 
 # Checkpoint after 1 epoch, resume to 2: every rank reads checkpoint.qtrn, and each its residuals;
 # the result must equal a straight 2-epoch run bit for bit (constant learning rate).

@@ -190,6 +190,14 @@ elif grep -q "INVALID_ARGUMENT: --ps must be host:port" "$work/badps.log"; then
 else
   fail "bad --ps list" "$work/badps.log"
 fi
+if timeout 10 "$qtrain" --ps=127.0.0.1:1 --codec=onebit --codec_warmup_steps=10 --epochs=1 \
+     >"$work/warmup.log" 2>&1; then
+  fail "--codec_warmup_steps with --ps" "$work/warmup.log"
+elif grep -q "INVALID_ARGUMENT: --codec_warmup_steps is not supported with --ps" "$work/warmup.log"; then
+  ok "--codec_warmup_steps with --ps: INVALID_ARGUMENT"
+else
+  fail "--codec_warmup_steps with --ps" "$work/warmup.log"
+fi
 
 # ---- 7. TLS with a throw-away CA (skipped without the openssl tool) ------------------------------
 if command -v openssl >/dev/null; then

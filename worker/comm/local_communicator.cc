@@ -11,17 +11,25 @@ namespace qtrain::comm {
 
 absl::StatusOr<std::unique_ptr<LocalCommunicator>> LocalCommunicator::Create(
     const LocalOptions& options) {
+  if (options.fp32_warmup_steps < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("fp32_warmup_steps must be >= 0; got ", options.fp32_warmup_steps));
+  }
   std::unique_ptr<BucketCodec> codec;
   if (!options.codec_spec.empty()) {
     ASSIGN_OR_RETURN(codec, BucketCodec::Create(options.codec_spec, options.error_feedback));
     if (codec->passthrough()) codec.reset();
   }
-  return std::unique_ptr<LocalCommunicator>(new LocalCommunicator(std::move(codec), options.seed));
+  return std::unique_ptr<LocalCommunicator>(new LocalCommunicator(std::move(codec), options));
 }
 
 std::string LocalCommunicator::Describe() const {
-  return absl::StrCat("local: 1 process, codec ",
-                      codec_ == nullptr ? std::string("none (fp32)") : codec_->Describe());
+  return absl::StrCat(
+      "local: 1 process, codec ",
+      codec_ == nullptr ? std::string("none (fp32)") : codec_->Describe(),
+      codec_ != nullptr && fp32_warmup_steps_ > 0
+          ? absl::StrCat(" after ", fp32_warmup_steps_, " uncompressed warm-up steps")
+          : std::string());
 }
 
 absl::Status LocalCommunicator::AllReduceMean(std::string_view key, std::span<float> data,
@@ -29,7 +37,7 @@ absl::Status LocalCommunicator::AllReduceMean(std::string_view key, std::span<fl
   if (key.empty()) return absl::InvalidArgumentError("AllReduceMean: empty bucket key");
   StepStats local;
   local.calls = 1;
-  if (codec_ != nullptr && !data.empty()) {
+  if (codec_ != nullptr && !data.empty() && step_ >= fp32_warmup_steps_) {
     Timer timer;
     ASSIGN_OR_RETURN(float scale, codec_->Prepare(key, data));
     RETURN_IF_ERROR(codec_->Encode(key, data, scale, rng_, &encoded_));

@@ -33,6 +33,8 @@ struct LocalOptions {
   FeedbackChoice error_feedback = FeedbackChoice::kFromSpec;
   // Seed of the stochastic codecs' Rng (the rank-0 seed is RankSeed(seed, 0)).
   uint64_t seed = 1;
+  // Steps (SetStep) below this skip the codec, as MpiOptions::fp32_warmup_steps (>= 0).
+  int64_t fp32_warmup_steps = 0;
 };
 
 class LocalCommunicator final : public Communicator {
@@ -62,11 +64,14 @@ class LocalCommunicator final : public Communicator {
   absl::Status SetResidual(std::string_view key, std::span<const float> values) override;
 
  private:
-  LocalCommunicator(std::unique_ptr<BucketCodec> codec, uint64_t seed)
-      : codec_(std::move(codec)), rng_(RankSeed(seed, 0)) {}
+  LocalCommunicator(std::unique_ptr<BucketCodec> codec, const LocalOptions& options)
+      : codec_(std::move(codec)),
+        rng_(RankSeed(options.seed, 0)),
+        fp32_warmup_steps_(options.fp32_warmup_steps) {}
 
   std::unique_ptr<BucketCodec> codec_;  // null: no codec (or fp32)
   compression::Rng rng_;
+  int64_t fp32_warmup_steps_;
   compression::EncodedTensor encoded_;  // reused across calls
   int64_t step_ = 0;
 };

@@ -638,6 +638,10 @@ absl::StatusOr<std::unique_ptr<MpiCommunicator>> MpiCommunicator::Create(
     return absl::InvalidArgumentError(absl::StrCat(
         "MPI timeout must be a finite number of seconds > 0; got ", options.timeout_seconds));
   }
+  if (options.fp32_warmup_steps < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("fp32_warmup_steps must be >= 0; got ", options.fp32_warmup_steps));
+  }
   if (options.max_poll_sleep_us < 0) {
     return absl::InvalidArgumentError(
         absl::StrCat("max_poll_sleep_us must be >= 0; got ", options.max_poll_sleep_us));
@@ -671,6 +675,9 @@ std::string MpiCommunicator::Describe() const {
   return absl::StrCat(
       "mpi: rank ", m.rank, " of ", m.size, ", codec ",
       m.codec == nullptr ? std::string("fp32 (MPI_Allreduce)") : m.codec->Describe(),
+      m.codec != nullptr && m.options.fp32_warmup_steps > 0
+          ? absl::StrCat(" after ", m.options.fp32_warmup_steps, " fp32 warm-up steps")
+          : std::string(),
       ", algorithm ", AllreduceAlgorithmName(m.options.algorithm), ", timeout ",
       m.options.timeout_seconds, " s");
 }
@@ -692,7 +699,7 @@ absl::Status MpiCommunicator::AllReduceMean(std::string_view key, std::span<floa
   absl::Status status;
   if (data.empty()) {
     status = absl::OkStatus();  // every rank passes the same size: nothing to exchange
-  } else if (m.codec == nullptr) {
+  } else if (m.codec == nullptr || m.step < m.options.fp32_warmup_steps) {
     status = m.AllReduceFp32(op, data, &local);
   } else if (ResolveAllreduceAlgorithm(m.options.algorithm, m.size, data.size()) ==
              AllreduceAlgorithm::kAllgather) {

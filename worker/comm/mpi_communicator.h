@@ -103,6 +103,11 @@ struct MpiOptions {
   int max_poll_sleep_us = 200;
   // Test only: if set, called on every serialized payload this rank sends (e.g. to corrupt it).
   std::function<void(std::string* bytes)> payload_hook_for_testing;
+  // Warm start: AllReduceMean at training steps below this (SetStep) averages in fp32 (plain
+  // MPI_Allreduce) even with a codec, and leaves the residuals alone; compression starts at this
+  // step. 1-bit SGD's warm start (CNTK) and 1-bit Adam's full-precision warm-up. Every rank
+  // passes the same value (>= 0; 0: compress from the first step).
+  int64_t fp32_warmup_steps = 0;
 };
 
 class MpiCommunicator final : public Communicator {

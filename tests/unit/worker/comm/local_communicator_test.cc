@@ -165,6 +165,34 @@ TEST(LocalCommunicatorTest, FeedbackOffKeepsNoResidual) {
   EXPECT_THAT(comm->SetResidual("b", g), StatusIs(absl::StatusCode::kFailedPrecondition));
 }
 
+// fp32 warm-up: steps below fp32_warmup_steps leave the gradient as it is and touch no residual;
+// from that step on the codec runs, exactly as a communicator without warm-up at its first call.
+TEST(LocalCommunicatorTest, Fp32WarmupStepsSkipTheCodec) {
+  LocalOptions options{"onebit", FeedbackChoice::kFromSpec, 7};
+  options.fp32_warmup_steps = 2;
+  ASSERT_OK_AND_ASSIGN(auto comm, LocalCommunicator::Create(options));
+  EXPECT_THAT(comm->Describe(), HasSubstr("after 2 uncompressed warm-up steps"));
+  for (int64_t step = 0; step < 2; ++step) {
+    comm->SetStep(step);
+    std::vector<float> g = Gradient(300, 10 + static_cast<uint32_t>(step));
+    const std::vector<float> before = g;
+    ASSERT_THAT(comm->AllReduceMean("b", g, nullptr), IsOk());
+    EXPECT_TRUE(BitEqual(g, before)) << "step " << step;
+    EXPECT_TRUE(comm->ResidualKeys().empty()) << "step " << step;
+  }
+  comm->SetStep(2);
+  auto fresh = MakeLocal("onebit");
+  std::vector<float> g = Gradient(300, 20);
+  std::vector<float> expected = g;
+  ASSERT_THAT(comm->AllReduceMean("b", g, nullptr), IsOk());
+  ASSERT_THAT(fresh->AllReduceMean("b", expected, nullptr), IsOk());
+  EXPECT_TRUE(BitEqual(g, expected));
+  EXPECT_FALSE(BitEqual(g, Gradient(300, 20)));  // compressed now
+  EXPECT_THAT(comm->ResidualKeys(), ElementsAre("b"));
+  options.fp32_warmup_steps = -1;
+  EXPECT_THAT(LocalCommunicator::Create(options), StatusIs(absl::StatusCode::kInvalidArgument));
+}
+
 TEST(StepStatsTest, Accumulates) {
   StepStats a{1.0, 2.0, 3.0, 4, 5, 1};
   a += StepStats{0.5, 0.5, 0.5, 1, 1, 2};

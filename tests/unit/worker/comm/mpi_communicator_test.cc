@@ -435,6 +435,42 @@ TEST(MpiCommunicatorTest, ResidualsCanBeRestored) {
   EXPECT_THAT(comm->ResidualKeys(), ::testing::ElementsAre("b"));
 }
 
+// fp32 warm-up: at steps below fp32_warmup_steps a codec communicator gives the fp32 allreduce's
+// bits, sends 4 bytes per element and keeps no residual; at that step it compresses, exactly as
+// a communicator without warm-up does at its first call.
+TEST(MpiCommunicatorTest, Fp32WarmupStepsAverageUncompressed) {
+  MpiOptions options = Options("onebit", AllreduceAlgorithm::kAuto);
+  options.fp32_warmup_steps = 2;
+  auto comm = MakeComm(options);
+  auto fp32 = MakeComm(Options("fp32", AllreduceAlgorithm::kAuto));
+  auto fresh = MakeComm(Options("onebit", AllreduceAlgorithm::kAuto));
+  ASSERT_TRUE(comm != nullptr && fp32 != nullptr && fresh != nullptr);
+  EXPECT_THAT(comm->Describe(), HasSubstr("after 2 fp32 warm-up steps"));
+  const int r = comm->rank();
+  const size_t n = 5000;
+  for (int step = 0; step < 2; ++step) {
+    comm->SetStep(step);
+    std::vector<float> g = Input(r, step, n), expected = Input(r, step, n);
+    StepStats stats;
+    ASSERT_THAT(comm->AllReduceMean("b", g, &stats), IsOk());
+    ASSERT_THAT(fp32->AllReduceMean("b", expected, nullptr), IsOk());
+    EXPECT_TRUE(BitEqual(g, expected)) << "step " << step;
+    EXPECT_EQ(stats.bytes_sent, 4 * n) << "step " << step;
+    EXPECT_TRUE(comm->ResidualKeys().empty()) << "step " << step;
+  }
+  comm->SetStep(2);
+  std::vector<float> g = Input(r, 2, n), expected = Input(r, 2, n);
+  StepStats stats;
+  ASSERT_THAT(comm->AllReduceMean("b", g, &stats), IsOk());
+  ASSERT_THAT(fresh->AllReduceMean("b", expected, nullptr), IsOk());
+  EXPECT_TRUE(BitEqual(g, expected));
+  EXPECT_LT(stats.bytes_sent, n);  // onebit: about n/8 per peer
+  EXPECT_FALSE(comm->ResidualKeys().empty());
+  ExpectSameOnAllRanks(*comm, g, "onebit after warm-up");
+  options.fp32_warmup_steps = -1;
+  EXPECT_THAT(MpiCommunicator::Create(options), StatusIs(absl::StatusCode::kInvalidArgument));
+}
+
 TEST(MpiCommunicatorTest, ReduceScatterStatsCountBothPhases) {
   auto comm = MakeComm(Options("onebit", AllreduceAlgorithm::kReduceScatter));
   ASSERT_NE(comm, nullptr);
